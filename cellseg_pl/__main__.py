@@ -1,0 +1,93 @@
+"""Entry point: ``python -m cellseg_pl <command> ...``.
+
+Training commands go through LightningCLI (``fit``, ``validate``, ``test``, ``predict``; see
+:mod:`cellseg_pl.cli`); the others are plain functions with their own flags (``convert``, ...).
+This is the only place that configures logging and the process environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _convert(argv: list[str]) -> int:
+    from cellseg_pl.convert import main
+
+    return main(argv)
+
+
+#: Non-Lightning sub-commands: name -> (function(argv) -> exit code, one-line help).
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "convert": (_convert, "CVAT 'COCO 1.0' export zip -> YOLO-seg data set (dataset.yaml, images/, labels/)"),
+}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced, e.g. by a test runner)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_environment() -> None:
+    """Keep Ultralytics offline and quiet, and send our library logs to stderr."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # no online checks, no downloads
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    pkg = logging.getLogger("cellseg_pl")
+    if not any(isinstance(h, _StderrHandler) for h in pkg.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    for message in (
+        r".*module\(s\) in eval mode at the start of training.*",  # the weight EMA is never trained, by design
+        r".*overridden `on_after_batch_transfer` in `LightningModule`.*",
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _usage() -> str:
+    lines = ["usage: python -m cellseg_pl <command> [options]", "", "training (LightningCLI; --help on each):"]
+    lines += [f"  {c}" for c in LIGHTNING_COMMANDS]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configure_environment()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argv[1:])
+
+    from cellseg_pl.cli import CellSegCLI, UsageError
+    from cellseg_pl.dataset import DatasetError
+    from cellseg_pl.model import ModelError
+
+    try:
+        CellSegCLI(args=None if from_sys else argv)
+    except (UsageError, DatasetError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,616 @@
+"""CVAT "COCO 1.0" zip -> YOLO-seg dataset folder (``dataset.yaml``, ``images/{train,val}``, ``labels/{train,val}``).
+
+What is written, for an output folder ``D``:
+
+* ``D/dataset.yaml``: ``path`` (absolute ``D``), ``train: images/train``, ``val: images/val``, ``nc`` and
+  ``names`` (0-based class -> CVAT label name, classes in order of COCO category id).
+* ``D/images/<split>/<name>``: the original image bytes. Sub-folders in ``file_name`` are flattened by
+  joining the parts with ``__`` (``a/b/c.jpg`` -> ``a__b__c.jpg``), so each label sits where Ultralytics
+  looks for it even when a folder is itself called ``images``; clashing stems get the subset name and
+  then the image id prepended/appended.
+* ``D/labels/<split>/<stem>.txt``: one line per instance, ``cls x1 y1 x2 y2 ...``, vertices on boundary
+  pixel centres (see :func:`cellseg_pl.coco.mask_to_yolo_polygons`) divided by the image width/height,
+  6 decimals rounded *up*, so ``int(x * W)`` (Ultralytics' ``polygon2mask``) and ``round(x * W)`` both
+  give the pixel back. An image without instances gets an empty file (background).
+
+Every annotation goes through a mask (pycocotools, as CVAT rasterizes it): polygons with several parts,
+uncompressed RLE (CVAT masks, ``iscrowd: 1``, which Ultralytics' converter drops) and compressed RLE all
+become one outline per instance. An instance with several disconnected parts stays one label line: its
+parts are joined by zero-width bridges at their closest vertices (Ultralytics' ``merge_multi_segment``
+idea), so counts in == counts out; ``cv2.fillPoly`` paints the bridge as a 1 px line.
+
+Fatal problems (unreadable zip or JSON, zip slip, output folder not empty without ``overwrite``) raise
+:class:`ConvertError` before anything is written; the folder is built in a temporary sibling folder and
+moved into place at the end. Per-annotation and per-image problems are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+from pycocotools import mask as mask_utils
+
+from cellseg_pl.coco import (
+    ZIP_READ_ERRORS,
+    CocoError,
+    CocoSubset,
+    CocoZip,
+    mask_to_yolo_polygons,
+    open_coco_zip,
+    polygons_to_rle,
+    checked_rle,
+    rle_to_mask,
+    unsafe_path_reason,
+    validate_polygon,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Why an annotation was not written, as printed in the summary.
+ANNOTATION_SKIPS = {
+    "box_only": "box-only (empty segmentation): no mask to train on, not written",
+    "unknown_image": "image_id not listed in 'images'",
+    "unknown_category": "category_id not listed in 'categories'",
+    "invalid_polygon": "no polygon part with >= 3 points and an even number of finite coordinates",
+    "invalid_rle": "RLE whose size differs from the image or whose runs are malformed",
+    "invalid_segmentation": "segmentation is neither polygons nor RLE",
+    "empty_mask": "zero area inside the image",
+    "too_small": "too thin or small for an outline of >= 3 points",
+    "image_skipped": "its image was skipped",
+}
+#: Why an image was not written.
+IMAGE_SKIPS = {
+    "missing_file": "file in neither the zip nor --images-dir",
+    "corrupt_image": "bytes that cannot be read or that OpenCV cannot decode",
+    "size_mismatch": "decoded size differs from width/height in the JSON",
+    "invalid_file_name": "file_name empty, not a string, or escaping its folder ('..', absolute path)",
+    "duplicate_image_id": "image id listed twice in one annotation file (the first is kept)",
+}
+#: Things fixed on the way, still written.
+NOTES = {
+    "clipped": "annotations with coordinates outside the image, clipped to it",
+    "dropped_parts": "invalid polygon parts dropped from otherwise valid annotations",
+    "multi_part": "instances with several disconnected parts, joined into one outline",
+    "images_missing_objects": "images written although some of their annotations were skipped: "
+    "those objects look like background to training",
+}
+_MAX_EXAMPLES = 3
+_IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
+_MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"BM", ".bmp"))
+
+
+class ConvertError(CocoError):
+    """A fatal problem with an argument or the output folder, worded ``"<file or flag>: <problem>; <fix>"``."""
+
+
+@dataclass
+class ConvertSummary:
+    """What :func:`convert_coco_zip` wrote and skipped.
+
+    Counter keys are the keys of ``ANNOTATION_SKIPS``, ``IMAGE_SKIPS`` and ``NOTES``. Every annotation in
+    the JSON is either written (``instances``) or counted once in ``skipped_annotations``.
+    """
+
+    coco_zip: Path
+    output_dir: Path
+    names: dict[int, str]
+    train_images: int = 0
+    val_images: int = 0
+    background_images: int = 0
+    annotations_read: int = 0
+    instances: Counter = field(default_factory=Counter)
+    skipped_annotations: Counter = field(default_factory=Counter)
+    skipped_images: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def instances_written(self) -> int:
+        """Label lines written, all classes."""
+        return sum(self.instances.values())
+
+    def count(self, kind: Counter, reason: str, example: str) -> None:
+        """Add one to ``kind[reason]`` and keep the first few examples for the summary."""
+        kind[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < _MAX_EXAMPLES:
+            shown.append(example)
+
+    def format(self) -> str:
+        """The human-readable report ``main`` prints."""
+        lines = [
+            f"converted {self.coco_zip} -> {self.output_dir}",
+            f"images: {self.train_images + self.val_images} (train {self.train_images}, val {self.val_images}),"
+            f" {self.background_images} without instances (background)",
+            f"instances written: {self.instances_written} of {self.annotations_read} annotations ("
+            + ", ".join(f"{self.names[c]}: {self.instances[c]}" for c in sorted(self.names))
+            + ")",
+        ]
+        for title, kind, meaning in (
+            ("skipped images", self.skipped_images, IMAGE_SKIPS),
+            ("skipped annotations", self.skipped_annotations, ANNOTATION_SKIPS),
+            ("notes", self.notes, NOTES),
+        ):
+            if sum(kind.values()):
+                lines.append(f"{title}: {sum(kind.values())}")
+            for reason, n in sorted(kind.items()):
+                example = "; ".join(self.examples.get(reason, []))
+                lines.append(f"  {reason}: {n} - {meaning[reason]}" + (f" (e.g. {example})" if example else ""))
+        lines.append(f"dataset: {self.output_dir / 'dataset.yaml'}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Image:
+    """One image on its way to the output: where it came from, its output name and label lines."""
+
+    subset: CocoSubset
+    record: dict
+    name: str = ""
+    lines: list[str] = field(default_factory=list)
+    anns: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def convert_coco_zip(
+    coco_zip: str | Path,
+    output_dir: str | Path,
+    images_dir: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> ConvertSummary:
+    """Convert a CVAT "COCO 1.0" export into a YOLO-seg dataset folder (layout in the module docstring).
+
+    Args:
+        coco_zip: the zip exported from CVAT (one or several ``annotations/instances_<subset>.json``).
+        output_dir: folder to create; must be empty or missing unless ``overwrite``.
+        images_dir: folder with the images when the zip has none (looked up as ``<dir>/<file_name>``,
+            then ``<dir>/<basename>``).
+        val_fraction: share of images for validation, in (0, 1); the split is by image, seeded.
+        seed: seed of the split; the same seed and input give the same split.
+        overwrite: replace the content of a non-empty ``output_dir``.
+
+    Returns:
+        What was written and skipped.
+
+    Raises:
+        ConvertError / CocoError: fatal problems; nothing has been written then.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConvertError("--val-fraction", f"{val_fraction} is not between 0 and 1", "pass e.g. 0.2")
+    out = Path(output_dir).expanduser().resolve()
+    _check_output_dir(out, overwrite, [Path(coco_zip), *([Path(images_dir)] if images_dir else [])])
+    with open_coco_zip(coco_zip, images_dir) as cz:
+        names, class_of = _merge_categories(cz)
+        summary = ConvertSummary(Path(coco_zip), out, names)
+        images = _collect_images(cz, summary)
+        _attach_annotations(cz, images, class_of, summary)
+        created = _make_parents(out.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            written = _convert_images(cz, images, class_of, tmp, summary)
+            if not written:
+                reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.skipped_images.items())) or "none listed"
+                raise ConvertError(
+                    cz.path, f"none of its images could be written ({reasons})", "check --images-dir and the zip"
+                )
+            _split_and_write(written, tmp, val_fraction, seed, summary)
+            _write_yaml(tmp / "dataset.yaml", out, names, cz.path)
+            _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for parent in reversed(created):
+                _rmdir_if_empty(parent)
+            raise
+    logger.info("wrote %s", out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``convert_coco_to_yolo.py --coco-zip Z --output-dir D [--images-dir I] ...``.
+
+    Returns:
+        0 on success; 2 on a fatal problem, reported as one ``error: <file>: <problem>; <fix>`` line on stderr.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse has already printed usage and the problem
+        return int(stop.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        summary = convert_coco_zip(
+            args.coco_zip, args.output_dir, args.images_dir, args.val_fraction, args.seed, args.overwrite
+        )
+    except CocoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = err.filename or args.output_dir
+        print(f"error: {where}: {err.strerror or err}; check the path, permissions and free space", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Flags of the lab's ``convert_coco_to_yolo.py`` (dash and underscore spellings)."""
+    p = argparse.ArgumentParser(
+        prog="convert_coco_to_yolo.py",
+        description="Convert a CVAT 'COCO 1.0' export (zip) into a YOLO-seg dataset folder with dataset.yaml.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--coco-zip", "--coco_zip", dest="coco_zip", required=True, help="zip exported from CVAT")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="dataset folder to create")
+    p.add_argument(
+        "--images-dir", "--images_dir", dest="images_dir", default=None, help="folder with images missing from the zip"
+    )
+    p.add_argument(
+        "--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.2,
+        help="share of images for validation (default 0.2)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --output-dir")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# checks and reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an output that is a file, non-empty without ``overwrite``, or (with it) holds an input."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(out, "exists and is not a folder", "choose another --output-dir")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConvertError(out, "is not empty", "choose an empty or new --output-dir, or pass --overwrite")
+        for path in inputs:
+            path = path.expanduser().resolve()
+            if path == out or out in path.parents:
+                raise ConvertError(out, f"holds the input {path}", "choose an --output-dir outside the inputs")
+    if out.parent == out:
+        raise ConvertError(out, "is a file system root", "choose a folder for --output-dir")
+
+
+def _merge_categories(cz: CocoZip) -> tuple[dict[int, str], dict[int, int]]:
+    """Merge the categories of all subsets; classes are 0-based in order of COCO category id.
+
+    Returns:
+        ``names`` (class -> name) and ``class_of`` (COCO category id -> class).
+    """
+    by_id: dict[int, tuple[str, str]] = {}
+    for sub in cz.subsets:
+        for cat in sub.coco.get("categories", []):
+            cid, name = cat["id"], str(cat["name"])
+            if not isinstance(cid, int) or isinstance(cid, bool):
+                raise CocoError(f"{cz.path}:{sub.member}", f"category id {cid!r} is not an integer", "fix the export")
+            if cid in by_id and by_id[cid][0] != name:
+                raise CocoError(
+                    f"{cz.path}:{sub.member}",
+                    f"category {cid} is {name!r} here but {by_id[cid][0]!r} in {by_id[cid][1]}",
+                    "export all subsets from one CVAT project",
+                )
+            by_id.setdefault(cid, (name, sub.member))
+    if not by_id:
+        raise CocoError(cz.path, "no categories in any annotation file", "define labels in CVAT and export again")
+    ids = sorted(by_id)
+    return {k: by_id[cid][0] for k, cid in enumerate(ids)}, {cid: k for k, cid in enumerate(ids)}
+
+
+def _id_key(value: Any) -> Any:
+    """A hashable key for a JSON id (ints and strings as they are)."""
+    return value if isinstance(value, (int, str)) else repr(value)
+
+
+def _collect_images(cz: CocoZip, summary: ConvertSummary) -> dict[tuple[int, Any], _Image]:
+    """Index the images of all subsets by ``(subset index, image id)`` and give them unique output names."""
+    images: dict[tuple[int, Any], _Image] = {}
+    taken: set[str] = set()
+    for s, sub in enumerate(cz.subsets):
+        for rec in sub.coco.get("images", []):
+            key = (s, _id_key(rec["id"]))
+            if key in images:
+                summary.count(summary.skipped_images, "duplicate_image_id", f"{sub.member}: id {rec['id']}")
+                continue
+            img = images[key] = _Image(sub, rec)
+            file_name = rec["file_name"]
+            if isinstance(file_name, str) and file_name.strip() and not unsafe_path_reason(file_name):
+                img.name = _unique_name(file_name, sub.name, rec["id"], taken)
+    return images
+
+
+def _unique_name(file_name: str, subset: str, image_id: Any, taken: set[str]) -> str:
+    """Flatten ``file_name`` (``a/b.jpg`` -> ``a__b.jpg``) and make its stem unique (case-insensitively).
+
+    Stems must be unique because ``x.jpg`` and ``x.png`` would share ``labels/x.txt``.
+    """
+    parts = [p for p in PurePosixPath(file_name.replace("\\", "/")).parts if p not in ("", ".")]
+    flat = "__".join(parts)
+    stem, suffix = os.path.splitext(flat)
+    if suffix.lower() not in _IMAGE_SUFFIXES:  # a suffix will be appended later: the whole name is the stem
+        stem, suffix = flat, ""
+    candidates = [stem, f"{subset}__{stem}", f"{subset}__{stem}__{image_id}"]
+    n = 2
+    while candidates[-1].lower() in taken:
+        candidates.append(f"{subset}__{stem}__{image_id}_{n}")
+        n += 1
+    chosen = next(c for c in candidates if c.lower() not in taken)
+    taken.add(chosen.lower())
+    return chosen + suffix
+
+
+def _attach_annotations(
+    cz: CocoZip, images: dict[tuple[int, Any], _Image], class_of: dict[int, int], summary: ConvertSummary
+) -> None:
+    """Give each image its annotations; count those pointing at unknown images or categories."""
+    for s, sub in enumerate(cz.subsets):
+        for ann in sub.coco.get("annotations", []):
+            summary.annotations_read += 1
+            where = f"{sub.member}: annotation {ann['id']}"
+            img = images.get((s, _id_key(ann["image_id"])))
+            if img is None:
+                summary.count(summary.skipped_annotations, "unknown_image", f"{where} -> image {ann['image_id']}")
+            elif _id_key(ann["category_id"]) not in class_of:
+                summary.count(summary.skipped_annotations, "unknown_category", f"{where} -> {ann['category_id']}")
+            else:
+                img.anns.append(ann)
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry: one annotation -> one YOLO outline
+# --------------------------------------------------------------------------------------------------
+
+
+def _annotation_rle(ann: dict, height: int, width: int, notes: list[str]) -> tuple[dict | None, str | None]:
+    """Turn an annotation's segmentation into one compressed RLE at image size.
+
+    Returns:
+        ``(rle, None)`` or ``(None, skip reason)``; fixes (clipping, dropped parts) are appended to ``notes``.
+    """
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):
+        if not seg:
+            return None, "box_only"
+        try:
+            # validates size and runs before pycocotools sees them (it has no bounds checks)
+            return checked_rle(seg, height, width), None
+        except (ValueError, TypeError):
+            return None, "invalid_rle"
+    if seg is None or (isinstance(seg, list) and all(isinstance(p, list) and not p for p in seg)):
+        return None, "box_only"  # CVAT writes [] (or no key) for rectangles
+    if not isinstance(seg, list):
+        return None, "invalid_segmentation"
+    parts = [seg] if all(isinstance(v, (int, float)) for v in seg) else seg  # a flat list is one part
+    valid = [p for p in parts if validate_polygon(p) is None]
+    if not valid:
+        return None, "invalid_polygon"
+    if len(valid) < len(parts):
+        notes.append("dropped_parts")
+    xy = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in valid])
+    if (xy < 0).any() or (xy[:, 0] > width).any() or (xy[:, 1] > height).any():
+        notes.append("clipped")
+    return polygons_to_rle(valid, height, width), None
+
+
+def _annotation_outline(ann: dict, height: int, width: int, notes: list[str]) -> tuple[np.ndarray | None, str | None]:
+    """One annotation -> one YOLO outline ``(N, 2)`` int64 ``(x, y)`` pixel centres, or a skip reason."""
+    rle, reason = _annotation_rle(ann, height, width, notes)
+    if rle is None:
+        return None, reason
+    if mask_utils.area(rle) == 0:
+        return None, "empty_mask"
+    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+    crop = rle_to_mask(rle, height, width, box=(x, y, w, h))
+    parts = mask_to_yolo_polygons(crop)
+    if not parts:
+        return None, "too_small"
+    if len(parts) > 1:
+        notes.append("multi_part")
+    return (_join_parts(parts) + (x, y)).astype(np.int64), None
+
+
+def _join_parts(parts: list[np.ndarray]) -> np.ndarray:
+    """Join outlines into one with zero-width bridges, each part at its vertex closest to the outline so far.
+
+    Args:
+        parts: ``(N_i, 2)`` outlines, largest first.
+
+    Returns:
+        ``(sum N_i + 2 * (len(parts) - 1), 2)``: the first outline with each further one spliced in as
+        ``... a_i, b_j, b_j+1, ..., b_j-1, b_j, a_i ...``.
+    """
+    joined = parts[0]
+    for part in parts[1:]:
+        d = ((joined[:, None, :] - part[None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        loop = np.roll(part, -j, axis=0)
+        joined = np.concatenate([joined[: i + 1], loop, loop[:1], joined[i:]])
+    return joined
+
+
+def _normalized_text(points: np.ndarray, width: int, height: int) -> str:
+    """Format integer pixel vertices ``(N, 2)`` as ``x1 y1 x2 y2 ...`` divided by ``(width, height)``.
+
+    Each value is the smallest 6-decimal number ``v`` with ``v * size >= pixel + 0.01``: readers that
+    truncate (Ultralytics reads float32 and calls ``polygon2mask`` with ``int32`` casts) and readers that
+    round both recover the pixel for images up to 100,000 px wide.
+    """
+    size = np.array([width, height], dtype=np.int64)
+    pix = np.clip(points.astype(np.int64), 0, size - 1)
+    # exact integer ceil((pix + 0.01) / size * 1e6); the 0.01 px covers float32 round-off in readers
+    k = -((-(pix * 100 + 1) * 1_000_000) // (size * 100))
+    return " ".join(f"{v // 1_000_000}.{v % 1_000_000:06d}" for v in k.reshape(-1).tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _convert_images(
+    cz: CocoZip, images: dict[tuple[int, Any], _Image], class_of: dict[int, int], tmp: Path, summary: ConvertSummary
+) -> list[_Image]:
+    """Read, check and stage every image under ``tmp/staging`` and compute its label lines.
+
+    Returns:
+        The images that were written, in input order.
+    """
+    staging = tmp / "staging"
+    staging.mkdir()
+    written = []
+    for img in images.values():
+        where = f"{img.subset.member}: image {img.record['id']} {img.record.get('file_name')!r}"
+        reason, data, shape = _read_checked_image(cz, img)
+        if reason:
+            logger.warning("skipped %s: %s", where, IMAGE_SKIPS[reason])
+            summary.count(summary.skipped_images, reason, where)
+            for ann in img.anns:
+                summary.count(summary.skipped_annotations, "image_skipped", f"{where}: annotation {ann['id']}")
+            continue
+        assert data is not None and shape is not None
+        img.name = _with_image_suffix(img.name, data)
+        _image_lines(img, shape, class_of, summary)
+        (staging / img.name).write_bytes(data)
+        written.append(img)
+    return written
+
+
+def _read_checked_image(cz: CocoZip, img: _Image) -> tuple[str | None, bytes | None, tuple[int, int] | None]:
+    """Read an image's bytes and decode them once; returns ``(skip reason, bytes, (H, W))``."""
+    if not img.name:
+        return "invalid_file_name", None, None
+    try:
+        found = cz.read_image(img.record["file_name"], img.subset)
+    except ZIP_READ_ERRORS as err:
+        logger.warning("%s: cannot be read (%s)", img.record["file_name"], err)
+        return "corrupt_image", None, None
+    if found is None:
+        return "missing_file", None, None
+    data, _ = found
+    # IMREAD_COLOR applies EXIF rotation, like cv2.imread in the training loaders
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if decoded is None:
+        return "corrupt_image", None, None
+    shape = (int(decoded.shape[0]), int(decoded.shape[1]))
+    listed = (img.record.get("height"), img.record.get("width"))
+    if all(isinstance(v, int) and v > 0 for v in listed) and listed != shape:
+        logger.warning("%s: decoded size %s differs from JSON %s", img.record["file_name"], shape, listed)
+        return "size_mismatch", None, None
+    return None, data, shape
+
+
+def _with_image_suffix(name: str, data: bytes) -> str:
+    """Append a suffix guessed from the bytes when ``name`` lacks an image suffix (Ultralytics skips those)."""
+    if os.path.splitext(name)[1].lower() in _IMAGE_SUFFIXES:
+        return name
+    for magic, suffix in _MAGIC:
+        if data.startswith(magic):
+            return name + suffix
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return name + ".webp"
+    return name + ".png"  # decodable but unknown: a suffix Ultralytics lists, OpenCV sniffs the content
+
+
+def _image_lines(img: _Image, shape: tuple[int, int], class_of: dict[int, int], summary: ConvertSummary) -> None:
+    """Fill ``img.lines`` with one ``cls x1 y1 ...`` line per usable annotation; count the others."""
+    height, width = shape
+    skipped = 0
+    for ann in img.anns:
+        notes: list[str] = []
+        outline, reason = _annotation_outline(ann, height, width, notes)
+        where = f"{img.subset.member}: annotation {ann['id']} on {img.record['file_name']!r}"
+        for note in notes:
+            summary.count(summary.notes, note, where)
+        if outline is None:
+            assert reason is not None
+            logger.debug("skipped %s: %s", where, ANNOTATION_SKIPS[reason])
+            summary.count(summary.skipped_annotations, reason, where)
+            skipped += 1
+            continue
+        cls = class_of[_id_key(ann["category_id"])]
+        img.lines.append(f"{cls} {_normalized_text(outline, width, height)}")
+        summary.instances[cls] += 1
+    if skipped:
+        summary.count(summary.notes, "images_missing_objects", repr(img.record["file_name"]))
+
+
+def _split_and_write(written: list[_Image], tmp: Path, val_fraction: float, seed: int, summary: ConvertSummary) -> None:
+    """Split images into train/val (seeded, by output name order) and move them and their labels in place."""
+    order = sorted(written, key=lambda im: im.name)
+    n_val = int(round(len(order) * val_fraction))
+    if len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    else:
+        n_val = 0
+        logger.warning("only one image: it goes to train and the val split is empty")
+    perm = np.random.default_rng(seed).permutation(len(order))
+    val = {int(i) for i in perm[:n_val]}
+    for split in ("train", "val"):
+        (tmp / "images" / split).mkdir(parents=True)
+        (tmp / "labels" / split).mkdir(parents=True)
+    for i, img in enumerate(order):
+        split = "val" if i in val else "train"
+        os.replace(tmp / "staging" / img.name, tmp / "images" / split / img.name)
+        text = "".join(line + "\n" for line in img.lines)
+        (tmp / "labels" / split / f"{os.path.splitext(img.name)[0]}.txt").write_text(text)
+        summary.background_images += not img.lines
+    (tmp / "staging").rmdir()
+    summary.val_images = n_val
+    summary.train_images = len(order) - n_val
+
+
+def _write_yaml(path: Path, out: Path, names: dict[int, str], source: Path) -> None:
+    """Write ``dataset.yaml`` as Ultralytics and ``cellseg_pl.datamodule`` read it."""
+    doc = {"path": str(out), "train": "images/train", "val": "images/val", "nc": len(names), "names": names}
+    header = f"# written by cellseg_pl.convert from {Path(source).name}\n"
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, outermost first."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+    for p in missing:
+        p.mkdir()
+    return missing
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    """Remove a folder this run created, if nothing else was put there meanwhile."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Make ``tmp``'s content the content of ``out``, replacing what ``out`` held (only inside ``out``)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for child in tmp.iterdir():
+        os.replace(child, out / child.name)
+    tmp.rmdir()

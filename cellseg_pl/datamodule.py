@@ -1,0 +1,144 @@
+"""LightningDataModule: a YOLO-seg ``dataset.yaml`` -> augmented train, letterboxed val/test/predict loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from cellseg_pl.dataset import IMAGE_SUFFIXES, Collate, DatasetError, YoloSegDataset, load_dataset_yaml
+from cellseg_pl.transforms import TrainTransform, ValTransform
+
+log = logging.getLogger(__name__)
+
+
+class CellSegDataModule(L.LightningDataModule):
+    """Feeds YOLO-seg data to the model; augmentation knobs carry Ultralytics' names and defaults.
+
+    Args:
+        dataset: path to a YOLO-seg ``dataset.yaml`` (keys ``path``, ``train``, ``val``, ``names``).
+        imgsz: network input side in px (multiple of 32).
+        batch_size: images per batch and per device (Ultralytics' ``batch`` is the total over devices).
+        num_workers: data-loading worker processes per device (Ultralytics' ``workers``).
+        mask_ratio: mask targets are computed at ``imgsz / mask_ratio``.
+        overlap_mask: one instance map per image as mask target (True), or one mask per instance.
+        degrees: rotation range +- deg.
+        translate: translation range +- fraction of the image side.
+        scale: scale gain range ``1 +- scale``.
+        shear: shear range +- deg.
+        perspective: perspective distortion (0-0.001).
+        flipud: probability of a vertical flip.
+        fliplr: probability of a horizontal flip.
+        hsv_h: hue jitter gain (fraction).
+        hsv_s: saturation jitter gain (fraction).
+        hsv_v: value jitter gain (fraction).
+        mosaic: probability of a 4-image mosaic.
+        mixup: probability of mixing two images.
+        copy_paste: probability of pasting cells from another image into free background.
+        close_mosaic: turn mosaic off for the last N epochs (0: never).
+        predict_images: folder of images for the ``predict`` sub-command.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "data/demo/dataset.yaml",
+        imgsz: int = 640,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        mask_ratio: int = 4,
+        overlap_mask: bool = True,
+        degrees: float = 0.0,
+        translate: float = 0.1,
+        scale: float = 0.5,
+        shear: float = 0.0,
+        perspective: float = 0.0,
+        flipud: float = 0.0,
+        fliplr: float = 0.5,
+        hsv_h: float = 0.015,
+        hsv_s: float = 0.7,
+        hsv_v: float = 0.4,
+        mosaic: float = 1.0,
+        mixup: float = 0.0,
+        copy_paste: float = 0.0,
+        close_mosaic: int = 10,
+        predict_images: str | None = None,
+    ) -> None:
+        super().__init__()
+        if imgsz % 32:
+            raise ValueError(f"--data.imgsz: {imgsz} is not a multiple of 32 (the network's largest stride)")
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size: must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.spec = load_dataset_yaml(dataset)
+        for split in ("train", "val"):
+            if not self.spec.splits.get(split):
+                raise DatasetError(f"--data.dataset: {dataset}: the '{split}' split has no images")
+        self.train_transform = TrainTransform(
+            imgsz, degrees, translate, scale, shear, perspective, flipud, fliplr, hsv_h, hsv_s, hsv_v, mosaic, mixup,
+            copy_paste,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes in ``dataset.yaml`` (linked to the model's ``num_classes``)."""
+        return self.spec.num_classes
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Class index -> name from ``dataset.yaml`` (linked to the model's ``class_names``)."""
+        return dict(self.spec.names)
+
+    def set_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Apply ``close_mosaic``: mosaic is off from epoch ``max_epochs - close_mosaic`` on."""
+        close = self.hparams.close_mosaic
+        enabled = self.hparams.mosaic > 0 and not (close and max_epochs > 0 and epoch >= max_epochs - close)
+        if enabled != self.train_transform.mosaic_enabled:
+            log.info("epoch %d: mosaic %s", epoch, "on" if enabled else "off (close_mosaic)")
+        self.train_transform.mosaic_enabled = enabled
+
+    def _dataset(self, split: str, train: bool) -> YoloSegDataset:
+        transform = self.train_transform if train else ValTransform(self.hparams.imgsz)
+        return YoloSegDataset(self.spec.splits[split], self.num_classes, self.hparams.imgsz, transform)
+
+    def _loader(self, dataset: YoloSegDataset, train: bool, full_masks: bool) -> DataLoader:
+        batch_size = self.hparams.batch_size if train else self.hparams.batch_size * 2
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # a final batch of one image would give BatchNorm a single value per channel
+            drop_last=train and len(dataset) % batch_size == 1,
+            num_workers=self.hparams.num_workers,
+            collate_fn=Collate(self.hparams.mask_ratio, self.hparams.overlap_mask, full_masks=full_masks),
+            pin_memory=torch.cuda.is_available(),
+            # forking fresh workers every epoch costs seconds on small CPUs; the mosaic switch is shared memory
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.set_epoch(self.trainer.current_epoch, self.trainer.max_epochs or -1)
+        return self._loader(self._dataset("train", train=True), train=True, full_masks=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val", train=False), train=False, full_masks=True)
+
+    def test_dataloader(self) -> DataLoader:
+        split = "test" if self.spec.splits.get("test") else "val"
+        return self._loader(self._dataset(split, train=False), train=False, full_masks=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        folder = self.hparams.predict_images
+        if not folder:
+            raise ValueError("--data.predict_images: give the folder of images to predict on")
+        root = Path(folder)
+        if not root.is_dir():
+            raise DatasetError(f"--data.predict_images: {root} is not a folder")
+        images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DatasetError(f"--data.predict_images: {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        dataset = YoloSegDataset(images, self.num_classes, self.hparams.imgsz, ValTransform(self.hparams.imgsz))
+        return self._loader(dataset, train=False, full_masks=False)

@@ -1,0 +1,408 @@
+"""YOLO-seg data set on disk -> samples with instance masks -> the batch dict the loss reads.
+
+The batch schema (written once, here; everything else refers to it)
+-------------------------------------------------------------------
+``collate`` returns a dict with, for a batch of B images of side S (= ``imgsz``) holding N instances in all:
+
+=============  ==========================  ===============================================================
+key            shape, dtype                meaning
+=============  ==========================  ===============================================================
+``img``        (B, 3, S, S) uint8          RGB, letterboxed; the module turns it into float 0..1 on device
+``batch_idx``  (N,) float32                index in the batch of the image each instance belongs to
+``cls``        (N, 1) float32              0-based class index
+``bboxes``     (N, 4) float32              box of the instance's mask, **normalized xywh** (centre x, y, w, h
+                                           divided by S), the convention Ultralytics' loss expects
+``masks``      (B, S/r, S/r) int64 when    instance map at 1/r resolution (r = ``mask_ratio``, 4 by default):
+               ``overlap_mask``, else      pixel value k+1 is the k-th instance *of that image* (instances of an
+               (N, S/r, S/r) float32       image are listed in ``cls``/``bboxes`` in that order), 0 background.
+                                           Without overlap: one binary mask per instance.
+``instances``  (B, S, S) int32             the same instance map at full resolution (only when the collate has
+                                           ``full_masks=True``: validation, for mask mAP)
+``im_file``    list[str]                   source image path
+``ori_shape``  list[(h0, w0)]              original image size in px
+``ratio_pad``  list[(gain, (pad_w, pad_h))]  letterbox: original px * gain + pad = network-input px
+                                           (only meaningful for un-augmented, i.e. validation, samples)
+=============  ==========================  ===============================================================
+
+Instances overlap rarely in cell images; where they do, the instance map keeps the smaller one on top (larger
+instances are drawn first), exactly as Ultralytics' ``overlap_mask=True`` targets do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
+#: Letterbox padding value, as in Ultralytics.
+PAD_VALUE = 114
+_SHIFT = 4
+
+
+class DatasetError(ValueError):
+    """A problem with the data set on disk that stops training; the message names the file and the fix."""
+
+
+@dataclass
+class DatasetSpec:
+    """What a YOLO-seg ``dataset.yaml`` describes, with paths resolved.
+
+    Attributes:
+        yaml_path: the ``dataset.yaml`` file.
+        root: the resolved ``path`` entry.
+        names: class index -> class name.
+        splits: split name (``train``, ``val``, ``test``) -> sorted list of image files.
+    """
+
+    yaml_path: Path
+    root: Path
+    names: dict[int, str]
+    splits: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+
+def _list_images(entry: str | list, root: Path, yaml_path: Path, key: str) -> list[Path]:
+    """Resolve one ``train``/``val`` entry: a folder, a ``.txt`` list of images, an image, or a list of those."""
+    if isinstance(entry, (list, tuple)):
+        return sorted({p for e in entry for p in _list_images(e, root, yaml_path, key)})
+    p = Path(str(entry))
+    p = p if p.is_absolute() else root / p
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+    if p.suffix == ".txt" and p.is_file():
+        files = []
+        for line in p.read_text().splitlines():
+            if line.strip():
+                q = Path(line.strip())
+                files.append(q if q.is_absolute() else (p.parent / q))
+        return sorted(files)
+    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+        return [p]
+    raise DatasetError(f"{yaml_path}: '{key}: {entry}' resolves to {p}, which does not exist; fix '{key}' or 'path'")
+
+
+def load_dataset_yaml(path: str | Path) -> DatasetSpec:
+    """Read a YOLO-seg ``dataset.yaml`` (keys ``path``, ``train``, ``val``, optional ``test``, ``names``).
+
+    A relative ``path`` is taken relative to the yaml file's folder (then to the working directory).
+    ``names`` may be a list or an ``{index: name}`` mapping.
+    """
+    yaml_path = Path(path)
+    if not yaml_path.is_file():
+        raise DatasetError(f"{yaml_path} does not exist; pass the dataset.yaml written by 'cellseg_pl convert'")
+    try:
+        spec = yaml.safe_load(yaml_path.read_text())
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{yaml_path}: not valid YAML ({e})") from None
+    if not isinstance(spec, dict):
+        raise DatasetError(f"{yaml_path}: expected a mapping with 'path', 'train', 'val' and 'names'")
+    for key in ("train", "val", "names"):
+        if key not in spec:
+            raise DatasetError(f"{yaml_path}: missing key '{key}'")
+    raw_root = Path(str(spec.get("path") or "."))
+    root = raw_root if raw_root.is_absolute() else (yaml_path.parent / raw_root)
+    if not root.exists() and not raw_root.is_absolute() and raw_root.exists():
+        root = raw_root
+    names = spec["names"]
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    try:
+        names = {int(k): str(v) for k, v in names.items()}
+    except (AttributeError, ValueError):
+        raise DatasetError(f"{yaml_path}: 'names' must be a list or a mapping index -> name") from None
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f"{yaml_path}: class indices in 'names' must be 0..{len(names) - 1}, got {sorted(names)}")
+    splits = {}
+    for key in ("train", "val", "test"):
+        if spec.get(key):
+            splits[key] = _list_images(spec[key], root.resolve(), yaml_path, key)
+    return DatasetSpec(yaml_path=yaml_path, root=root.resolve(), names=names, splits=splits)
+
+
+def label_path_for(image: Path) -> Path:
+    """The label file of an image: ``.../images/...x.png`` -> ``.../labels/...x.txt`` (Ultralytics' rule)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as uint8 RGB HxWx3; 16-bit is scaled to 8-bit, gray and RGBA are converted.
+
+    Raises:
+        DatasetError: the file cannot be decoded.
+    """
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise DatasetError(f"{path}: cannot decode the image (corrupt or not an image); remove or replace it")
+    if img.dtype != np.uint8:
+        img = img.astype(np.float32)
+        lo, hi = float(img.min()), float(img.max())
+        img = ((img - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(img)).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def read_label(path: Path, num_classes: int) -> tuple[np.ndarray, list[np.ndarray], dict[str, int]]:
+    """Parse a YOLO-seg label file.
+
+    Returns:
+        ``(classes, polygons, skipped)``: classes (n,) int64; one (k, 2) float32 normalized polygon per instance;
+        ``skipped`` counts lines dropped by reason. A missing file means a background image.
+    """
+    skipped: dict[str, int] = {}
+    classes, polygons = [], []
+    if not path.is_file():
+        return np.zeros(0, np.int64), [], skipped
+    for line in path.read_text().splitlines():
+        values = line.split()
+        if not values:
+            continue
+        try:
+            cls = int(float(values[0]))
+            coords = np.asarray(values[1:], dtype=np.float32)
+        except ValueError:
+            skipped["not a number"] = skipped.get("not a number", 0) + 1
+            continue
+        if not 0 <= cls < num_classes:
+            skipped["unknown class index"] = skipped.get("unknown class index", 0) + 1
+            continue
+        if coords.size % 2:
+            skipped["odd number of coordinates"] = skipped.get("odd number of coordinates", 0) + 1
+            continue
+        if coords.size < 6:
+            skipped["fewer than 3 points"] = skipped.get("fewer than 3 points", 0) + 1
+            continue
+        classes.append(cls)
+        polygons.append(coords.reshape(-1, 2).clip(0.0, 1.0))
+    return np.asarray(classes, np.int64), polygons, skipped
+
+
+def rasterize(polygons: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw normalized polygons into one instance map, larger instances first so small ones stay on top.
+
+    Returns:
+        ``(instance_map, order)``: uint16 HxW where value k+1 is polygon ``order[k]``; instances fully covered by
+        others are absent from the map.
+    """
+    # 4 fractional bits: sub-pixel vertices, rasterized with the pixel-centre convention of Ultralytics' loader
+    scale = np.array([width, height], np.float32) * (1 << _SHIFT)
+    pixel_polys = [np.round(p * scale).astype(np.int32) for p in polygons]
+    areas = [abs(cv2.contourArea(p.astype(np.float32))) for p in pixel_polys]
+    order = np.argsort(areas, kind="stable")[::-1]
+    instance_map = np.zeros((height, width), np.uint16)
+    for k, i in enumerate(order):
+        cv2.fillPoly(instance_map, [pixel_polys[i]], k + 1, lineType=cv2.LINE_8, shift=_SHIFT)
+    return instance_map, order
+
+
+def instance_boxes(instance_map: np.ndarray, min_size: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of the instances present in an instance map, recomputed from the (transformed) pixels.
+
+    Args:
+        instance_map: HxW integer map, 0 background.
+        min_size: instances whose box is narrower or lower than this (px) are dropped.
+
+    Returns:
+        ``(ids, boxes)``: ids (n,) of the kept instances (ascending) and their xyxy pixel boxes (n, 4) float32,
+        x2/y2 exclusive.
+    """
+    slices = ndimage.find_objects(instance_map)
+    ids, boxes = [], []
+    for k, sl in enumerate(slices):
+        if sl is None:
+            continue
+        y, x = sl
+        if x.stop - x.start < min_size or y.stop - y.start < min_size:
+            continue
+        ids.append(k + 1)
+        boxes.append((x.start, y.start, x.stop, y.stop))
+    return np.asarray(ids, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def letterbox_params(height: int, width: int, imgsz: int) -> tuple[float, tuple[float, float]]:
+    """Gain and (pad_w, pad_h) that fit an image of the given size into ``imgsz`` x ``imgsz``, centred."""
+    gain = min(imgsz / height, imgsz / width)
+    new_w, new_h = round(width * gain), round(height * gain)
+    return gain, ((imgsz - new_w) // 2, (imgsz - new_h) // 2)
+
+
+class YoloSegDataset(torch.utils.data.Dataset):
+    """Images and YOLO-seg polygon labels -> augmented samples with instance maps.
+
+    Args:
+        images: image files; each label is found with :func:`label_path_for`.
+        num_classes: number of classes (label lines with another index are skipped and counted).
+        imgsz: network input side in px (a multiple of 32).
+        transform: callable ``(sample, dataset) -> sample`` applied to a loaded sample (see
+            :mod:`cellseg_pl.transforms`); ``None`` letterboxes only.
+    """
+
+    def __init__(
+        self,
+        images: list[Path],
+        num_classes: int,
+        imgsz: int = 640,
+        transform: Callable[[dict, "YoloSegDataset"], dict] | None = None,
+    ) -> None:
+        self.images = [Path(p) for p in images]
+        self.num_classes = num_classes
+        self.imgsz = imgsz
+        self.transform = transform
+        self._seeded_for: tuple[int, int] | None = None
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Load image ``index`` resized so its long side is ``imgsz``, with its instance map.
+
+        Returns:
+            dict with ``image`` (h, w, 3) uint8 RGB, ``instances`` (h, w) uint16 map, ``classes`` (n,) int64 where
+            ``classes[k]`` is the class of map value k+1, ``ori_shape`` (h0, w0) and ``im_file``.
+        """
+        path = self.images[index]
+        image = read_image(path)
+        h0, w0 = image.shape[:2]
+        gain = self.imgsz / max(h0, w0)
+        if gain != 1:
+            interp = cv2.INTER_LINEAR if gain > 1 else cv2.INTER_AREA
+            image = cv2.resize(image, (max(1, round(w0 * gain)), max(1, round(h0 * gain))), interpolation=interp)
+        h, w = image.shape[:2]
+        classes, polygons, _ = read_label(label_path_for(path), self.num_classes)
+        instances, order = rasterize(polygons, h, w)
+        return {
+            "image": image,
+            "instances": instances,
+            "classes": classes[order] if len(order) else classes,
+            "ori_shape": (h0, w0),
+            "im_file": str(path),
+        }
+
+    def _reseed(self) -> None:
+        """Give every worker process and epoch its own random stream (forked workers share the parent's)."""
+        key = (os.getpid(), torch.initial_seed())
+        if key != self._seeded_for:
+            self._seeded_for = key
+            seed = torch.initial_seed() % 2**32
+            self.rng = np.random.default_rng(seed)
+            if hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self._reseed()
+        sample = self.load(index)
+        h, w = sample["instances"].shape
+        gain_total = self.imgsz / max(sample["ori_shape"])
+        _, pad = letterbox_params(h, w, self.imgsz)
+        sample["ratio_pad"] = (gain_total, pad)
+        if self.transform is not None:
+            sample = self.transform(sample, self)
+        else:
+            sample = letterbox(sample, self.imgsz)
+        return finalize(sample)
+
+
+def letterbox(sample: dict[str, Any], imgsz: int) -> dict[str, Any]:
+    """Pad a loaded sample (long side already ``imgsz``) to ``imgsz`` x ``imgsz``, centred, as validation does."""
+    image, instances = sample["image"], sample["instances"]
+    h, w = instances.shape
+    _, (pad_w, pad_h) = letterbox_params(h, w, imgsz)
+    out = np.full((imgsz, imgsz, 3), PAD_VALUE, np.uint8)
+    out[pad_h : pad_h + h, pad_w : pad_w + w] = image
+    inst = np.zeros((imgsz, imgsz), instances.dtype)
+    inst[pad_h : pad_h + h, pad_w : pad_w + w] = instances
+    return {**sample, "image": out, "instances": inst}
+
+
+def finalize(sample: dict[str, Any]) -> dict[str, Any]:
+    """Compact the instance ids of a transformed sample and recompute boxes from its pixels."""
+    instances = sample["instances"]
+    ids, boxes = instance_boxes(instances)
+    classes = sample["classes"][ids - 1] if len(ids) else np.zeros(0, np.int64)
+    lut = np.zeros(int(instances.max()) + 1 if instances.size else 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    compact = lut[instances]
+    s_h, s_w = compact.shape
+    xywh = np.stack(
+        [(boxes[:, 0] + boxes[:, 2]) / 2 / s_w, (boxes[:, 1] + boxes[:, 3]) / 2 / s_h,
+         (boxes[:, 2] - boxes[:, 0]) / s_w, (boxes[:, 3] - boxes[:, 1]) / s_h],
+        axis=1,
+    ) if len(boxes) else np.zeros((0, 4), np.float32)
+    out = {
+        "img": torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))),
+        "instances": torch.from_numpy(compact),
+        "cls": torch.from_numpy(classes.astype(np.float32)),
+        "bboxes": torch.from_numpy(xywh.astype(np.float32)),
+        "im_file": sample["im_file"],
+        "ori_shape": sample["ori_shape"],
+        "ratio_pad": sample["ratio_pad"],
+    }
+    return out
+
+
+class Collate:
+    """Stack samples into the batch dict described in the module docstring.
+
+    Args:
+        mask_ratio: downsampling of the loss' mask targets (Ultralytics' ``mask_ratio``, 4).
+        overlap_mask: one instance map per image (True) or one binary mask per instance (False).
+        full_masks: also return the full-resolution ``instances`` maps (validation needs them for mask mAP).
+    """
+
+    def __init__(self, mask_ratio: int = 4, overlap_mask: bool = True, full_masks: bool = False) -> None:
+        self.mask_ratio = mask_ratio
+        self.overlap_mask = overlap_mask
+        self.full_masks = full_masks
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        img = torch.stack([s["img"] for s in samples])
+        size = img.shape[-1] // self.mask_ratio
+        small = []
+        for s in samples:
+            inst = s["instances"].numpy()
+            small.append(cv2.resize(inst.astype(np.uint16), (size, size), interpolation=cv2.INTER_NEAREST))
+        counts = [len(s["cls"]) for s in samples]
+        batch = {
+            "img": img,
+            "batch_idx": torch.cat([torch.full((n,), i, dtype=torch.float32) for i, n in enumerate(counts)]),
+            "cls": torch.cat([s["cls"] for s in samples]).view(-1, 1),
+            "bboxes": torch.cat([s["bboxes"] for s in samples]).view(-1, 4),
+            "im_file": [s["im_file"] for s in samples],
+            "ori_shape": [s["ori_shape"] for s in samples],
+            "ratio_pad": [s["ratio_pad"] for s in samples],
+        }
+        if self.overlap_mask:
+            batch["masks"] = torch.from_numpy(np.stack(small).astype(np.int64))
+        else:
+            per_instance = [
+                torch.from_numpy(m[None] == np.arange(1, n + 1)[:, None, None]) for m, n in zip(small, counts)
+            ]
+            batch["masks"] = torch.cat(per_instance).float() if per_instance else torch.zeros(0, size, size)
+        if self.full_masks:
+            batch["instances"] = torch.stack([s["instances"] for s in samples])
+        return batch

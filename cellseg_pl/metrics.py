@@ -1,0 +1,127 @@
+"""Validation metrics: COCO mask (and box) mAP through torchmetrics, and one-to-one cell matching.
+
+Both take the same inputs, per image::
+
+    pred   = {"masks": (n, H, W) bool, "boxes": (n, 4) xyxy px, "scores": (n,), "labels": (n,) int64}
+    target = {"masks": (m, H, W) bool, "boxes": (m, 4) xyxy px, "labels": (m,) int64}
+
+and are torchmetrics ``Metric`` objects, so Lightning reduces them across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torchmetrics import Metric
+from torchmetrics.detection import MeanAveragePrecision
+
+#: COCO max-detection thresholds with the last raised to 300 (the lab's images hold ~57 cells, often more).
+MAX_DETECTIONS = [1, 10, 300]
+
+
+def mask_map_metric() -> MeanAveragePrecision:
+    """COCO-style box and mask mAP (``faster_coco_eval`` backend; pycocotools mis-reports maxDets != 100)."""
+    return MeanAveragePrecision(
+        iou_type=("bbox", "segm"),
+        max_detection_thresholds=MAX_DETECTIONS,
+        backend="faster_coco_eval",
+    )
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix (n, m) between boolean mask stacks a (n, H, W) and b (m, H, W)."""
+    if not len(a) or not len(b):
+        return torch.zeros(len(a), len(b), device=a.device)
+    fa, fb = a.flatten(1).float(), b.flatten(1).float()
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
+
+
+def match(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.Tensor, gt_labels: torch.Tensor,
+          iou_threshold: float = 0.5) -> tuple[int, int, int, float]:
+    """One-to-one (Hungarian) matching of predicted to true instances of the same class.
+
+    Returns:
+        ``(tp, fp, fn, sum of IoU over matched pairs)``.
+    """
+    iou = mask_iou(pred_masks, gt_masks)
+    if iou.numel():
+        iou = iou * (pred_labels[:, None] == gt_labels[None, :])
+        rows, cols = linear_sum_assignment(-iou.cpu().numpy())
+        matched = iou[rows, cols].cpu().numpy()
+        good = matched >= iou_threshold
+        tp, iou_sum = int(good.sum()), float(matched[good].sum())
+    else:
+        tp, iou_sum = 0, 0.0
+    return tp, len(pred_masks) - tp, len(gt_masks) - tp, iou_sum
+
+
+class CellMatchMetrics(Metric):
+    """Precision, recall, F1 and the cell papers' "AP" = TP / (TP + FP + FN) at one IoU, above one confidence.
+
+    Also the mean IoU of matched cells and the per-image counting error (predicted minus true count).
+
+    Args:
+        conf: predictions scoring below this are ignored (the operating point a biologist would use).
+        iou_threshold: IoU a predicted cell needs with its matched true cell to count as found.
+    """
+
+    full_state_update = False
+
+    def __init__(self, conf: float = 0.25, iou_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.conf, self.iou_threshold = conf, iou_threshold
+        for name in ("tp", "fp", "fn", "iou_sum", "abs_count_err", "rel_count_err", "images"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
+        for pred, target in zip(preds, targets):
+            keep = pred["scores"] >= self.conf
+            tp, fp, fn, iou_sum = match(
+                pred["masks"][keep], pred["labels"][keep], target["masks"], target["labels"], self.iou_threshold
+            )
+            self.tp += tp
+            self.fp += fp
+            self.fn += fn
+            self.iou_sum += iou_sum
+            n_pred, n_true = int(keep.sum()), len(target["masks"])
+            self.abs_count_err += abs(n_pred - n_true)
+            self.rel_count_err += abs(n_pred - n_true) / max(n_true, 1)
+            self.images += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        tp, fp, fn = self.tp, self.fp, self.fn
+        precision = tp / (tp + fp) if tp + fp > 0 else torch.zeros_like(tp)
+        recall = tp / (tp + fn) if tp + fn > 0 else torch.zeros_like(tp)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else torch.zeros_like(tp)
+        images = self.images.clamp(min=1)
+        return {
+            "precision": precision.float(),
+            "recall": recall.float(),
+            "f1": f1.float(),
+            "ap_cell": (tp / (tp + fp + fn)).float() if tp + fp + fn > 0 else torch.ones_like(tp).float(),
+            "mean_matched_iou": (self.iou_sum / tp).float() if tp > 0 else torch.zeros_like(tp).float(),
+            "count_mae": (self.abs_count_err / images).float(),
+            "count_mre": (self.rel_count_err / images).float(),
+            "tp": tp.float(),
+            "fp": fp.float(),
+            "fn": fn.float(),
+        }
+
+
+def targets_from_batch(batch: dict) -> list[dict[str, torch.Tensor]]:
+    """Ground truth per image from a validation batch (needs the full-resolution ``instances`` maps)."""
+    targets = []
+    inst = batch["instances"]
+    size = inst.shape[-1]
+    for i in range(inst.shape[0]):
+        sel = batch["batch_idx"] == i
+        n = int(sel.sum())
+        ids = torch.arange(1, n + 1, device=inst.device, dtype=inst.dtype)
+        masks = inst[i][None] == ids[:, None, None]
+        xywh = batch["bboxes"][sel] * size
+        boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        targets.append({"masks": masks, "boxes": boxes, "labels": batch["cls"][sel].view(-1).long()})
+    return targets
+

@@ -1,0 +1,192 @@
+"""The one door to Ultralytics: build or load a YOLOv8-seg network, attach its loss, save Ultralytics ``.pt`` files.
+
+Everything version-specific about Ultralytics (8.4 line: dict predictions, five-part loss, ``model.args``
+contract) lives here; the rest of the project sees ``nn.Module``, tensors and plain dicts. Ultralytics is imported
+lazily, inside functions, so importing :mod:`cellseg_pl` has no side effects.
+
+Loading an Ultralytics ``.pt`` unpickles it (``torch.load(weights_only=False)``): only load files you trust.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from copy import deepcopy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model file or name that cannot be used; the message says which and what to do."""
+
+
+def _ultralytics_cfg_dict() -> dict[str, Any]:
+    from ultralytics.cfg import get_cfg
+
+    return vars(get_cfg())
+
+
+def _from_yaml(name: str, num_classes: int) -> nn.Module:
+    """Build from a yaml path or a bare Ultralytics config name (``yolov8n-seg.yaml``); never downloads."""
+    from ultralytics.nn.tasks import SegmentationModel
+
+    if not str(name).endswith((".yaml", ".yml")):
+        raise ModelError(
+            f"--model.model: {name} is neither a model yaml (e.g. yolov8n-seg.yaml) nor an Ultralytics .pt file"
+        )
+    try:
+        return SegmentationModel(str(name), nc=num_classes, verbose=False)
+    except FileNotFoundError:
+        raise ModelError(
+            f"--model.model: {name} is not a file and not an Ultralytics model config; use e.g. yolov8n-seg.yaml "
+            f"or yolov8s-seg.yaml"
+        ) from None
+
+
+def load_ultralytics_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Unpickle an Ultralytics ``.pt`` (trusted files only) and check it holds a segmentation network."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(
+            f"--model.model: {path} does not exist (cellseg_pl never downloads weights; give a local .pt, or a "
+            f"model yaml such as yolov8n-seg.yaml to train from scratch)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a model file"
+        raise ModelError(f"--model.model: {path} is not a readable PyTorch model file ({type(e).__name__}: {e})") from None
+    net = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"--model.model: {path} holds no Ultralytics network (no 'model' or 'ema' entry)")
+    from ultralytics.nn.tasks import SegmentationModel
+
+    if not isinstance(net, SegmentationModel):
+        raise ModelError(f"--model.model: {path} is a {type(net).__name__}, not a segmentation model (-seg)")
+    return ckpt
+
+
+def build_network(
+    model: str,
+    num_classes: int,
+    class_names: dict[int, str] | None = None,
+    reinit_head: bool = False,
+    model_yaml: dict | None = None,
+) -> nn.Module:
+    """Build the Ultralytics ``SegmentationModel``.
+
+    Args:
+        model: a model yaml (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path) to train from scratch, or an
+            Ultralytics ``.pt`` to fine-tune.
+        num_classes: number of classes of the data.
+        class_names: index -> name; stored on the network (Ultralytics reads ``names``).
+        reinit_head: when a ``.pt`` has another class count than the data, build a new head for ``num_classes``
+            and keep every other weight (instead of stopping with an error).
+        model_yaml: a network definition (Ultralytics' ``model.yaml`` dict); used instead of ``model`` when a
+            Lightning checkpoint is reloaded, so the original ``.pt`` need not exist any more.
+
+    Returns:
+        The network in float32, train mode.
+    """
+    from ultralytics.nn.tasks import SegmentationModel
+
+    names = class_names or {i: str(i) for i in range(num_classes)}
+    if model_yaml is not None:
+        net = SegmentationModel(deepcopy(model_yaml), nc=num_classes, verbose=False)
+    elif str(model).endswith(".pt"):
+        ckpt = load_ultralytics_checkpoint(model)
+        src = (ckpt.get("ema") or ckpt.get("model")).float()
+        src_nc = int(src.model[-1].nc)
+        if src_nc != num_classes and not reinit_head:
+            src_names = getattr(src, "names", {})
+            raise ModelError(
+                f"--model.model: {model} predicts {src_nc} classes {dict(src_names)} but the data has {num_classes} "
+                f"{names}; fix dataset.yaml 'names' or pass --model.reinit_head true to train a new head"
+            )
+        if src_nc == num_classes:
+            net = src
+        else:
+            net = SegmentationModel(deepcopy(src.yaml), nc=num_classes, verbose=False)
+            own = net.state_dict()
+            kept = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
+            net.load_state_dict(kept, strict=False)
+            log.info("re-initialised the head for %d classes; kept %d/%d tensors of %s", num_classes, len(kept), len(own), model)
+        log.info("loaded %s (%s)", model, ckpt.get("date", "no date"))
+    else:
+        net = _from_yaml(model, num_classes)
+    net = net.float()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.names = dict(names)
+    net.train()
+    return net
+
+
+def attach_loss(net: nn.Module, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5, overlap_mask: bool = True) -> Callable:
+    """Give the network the attribute namespace its loss reads and return the criterion.
+
+    The criterion captures the network's device when built: call this after the network is on its device.
+
+    Returns:
+        ``criterion(preds, batch) -> (loss, parts)`` where ``loss`` is the weighted sum times the batch size
+        (Ultralytics' convention) and ``parts`` a dict ``box_loss, seg_loss, cls_loss, dfl_loss`` (detached).
+    """
+    from ultralytics.utils.loss import v8SegmentationLoss
+
+    args = {**_ultralytics_cfg_dict(), "box": box, "cls": cls, "dfl": dfl, "overlap_mask": overlap_mask}
+    net.args = SimpleNamespace(**args)
+    loss = v8SegmentationLoss(net)
+
+    def criterion(preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, parts = loss(preds, batch)
+        parts = {k: parts[k] for k in ("box_loss", "seg_loss", "cls_loss", "dfl_loss")}
+        return total.sum(), parts
+
+    return criterion
+
+
+def split_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Unpack an eval-mode forward: ``(detections (B, 4+nc+32, A), proto (B, 32, H/4, W/4), raw preds dict)``."""
+    (det, proto), raw = outputs
+    return det, proto, raw
+
+
+def network_yaml(net: nn.Module) -> dict:
+    """The network definition to rebuild it without its weights file."""
+    return deepcopy(net.yaml)
+
+
+def save_ultralytics_checkpoint(
+    net: nn.Module, path: str | Path, class_names: dict[int, str], train_args: dict[str, Any] | None = None
+) -> None:
+    """Write ``net`` as an Ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` loads (half precision, like theirs)."""
+    import ultralytics
+
+    model = deepcopy(net).float().cpu().eval()
+    model.names = dict(class_names)
+    model.nc = len(class_names)
+    model.args = {**_ultralytics_cfg_dict(), **(train_args or {}), "task": "segment"}
+    for attr in ("criterion",):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ckpt = {
+        "date": datetime.datetime.now().isoformat(),
+        "version": ultralytics.__version__,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "epoch": -1,
+        "best_fitness": None,
+        "model": model.half(),
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "train_args": {**(train_args or {}), "task": "segment"},
+        "train_metrics": {},
+    }
+    torch.save(ckpt, path)

@@ -1,0 +1,259 @@
+"""LightningModule: the YOLOv8-seg network, its loss, Ultralytics' optimization recipe, mask metrics.
+
+Lightning owns the loop; this module uses manual optimization only because Ultralytics' recipe needs control that
+automatic optimization does not give: gradient accumulation that ramps up during warmup, per-iteration lr and
+momentum warmup, and an EMA updated after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric, targets_from_batch
+from cellseg_pl.model import attach_loss, build_network, network_yaml, split_outputs
+from cellseg_pl.optim import EMA, build_optimizer, resolve_optimizer, schedule, warmup_iterations
+from cellseg_pl.postprocess import postprocess, to_original
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = ("box_loss", "seg_loss", "cls_loss", "dfl_loss")
+
+
+def mask_fitness(map50: torch.Tensor, map50_95: torch.Tensor) -> torch.Tensor:
+    """Ultralytics' fitness weighting applied to mask mAP: 0.1 * mAP50 + 0.9 * mAP50-95 (the best-model rule)."""
+    return 0.1 * map50 + 0.9 * map50_95
+
+
+class CellSegModule(L.LightningModule):
+    """YOLOv8-seg on Lightning; knobs carry Ultralytics' names and defaults.
+
+    Args:
+        model: model yaml to train from scratch (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path), or an
+            Ultralytics ``.pt`` (e.g. the lab's ``yolov8s_cells_v1.0.pt``) to fine-tune. ``.pt`` files are
+            pickles: load only files you trust.
+        num_classes: number of classes (linked from the data; set once in ``dataset.yaml``).
+        class_names: class index -> name (linked from the data).
+        reinit_head: when a ``.pt`` was trained for another number of classes, start a new head instead of failing.
+        optimizer: ``SGD``, ``Adam``, ``AdamW`` or ``auto`` (AdamW with an lr fitted to the class count for short
+            runs, SGD lr 0.01 for runs over 10,000 iterations; ``auto`` ignores ``lr0``, as Ultralytics does).
+        lr0: initial learning rate.
+        lrf: final learning rate as a fraction of ``lr0``.
+        momentum: SGD momentum / Adam beta1.
+        weight_decay: weight decay of conv/linear weights, scaled by ``batch * accumulate / nbs``.
+        warmup_epochs: warmup length in epochs (fractions allowed).
+        warmup_momentum: momentum at the start of warmup.
+        warmup_bias_lr: bias learning rate at the start of warmup.
+        cos_lr: cosine instead of linear lr decay.
+        nbs: nominal batch size: gradients are accumulated over ``nbs / (batch_size * devices)`` batches.
+        grad_clip: gradient norm clipping (Ultralytics clips at 10).
+        ema: validate, select and export an exponential moving average of the weights.
+        ema_decay: maximum EMA decay.
+        ema_tau: EMA ramp time constant, in optimizer steps.
+        box: box loss gain.
+        cls: classification loss gain.
+        dfl: distribution focal loss gain.
+        overlap_mask: mask targets as one instance map per image (linked from the data).
+        conf: validation NMS confidence threshold (low, for mAP).
+        iou: NMS IoU threshold.
+        max_det: maximum detections per image (>= 300 for dense cell images).
+        pr_conf: confidence at which precision, recall and F1 are reported.
+        predict_conf: confidence threshold of the ``predict`` sub-command.
+        model_yaml: network definition stored in checkpoints so they reload without the original ``.pt``;
+            filled in automatically, leave unset.
+    """
+
+    def __init__(
+        self,
+        model: str = "yolov8n-seg.yaml",
+        num_classes: int = 1,
+        class_names: dict[int, str] | None = None,
+        reinit_head: bool = False,
+        optimizer: str = "auto",
+        lr0: float = 0.01,
+        lrf: float = 0.01,
+        momentum: float = 0.937,
+        weight_decay: float = 0.0005,
+        warmup_epochs: float = 3.0,
+        warmup_momentum: float = 0.8,
+        warmup_bias_lr: float = 0.1,
+        cos_lr: bool = False,
+        nbs: int = 64,
+        grad_clip: float = 10.0,
+        ema: bool = True,
+        ema_decay: float = 0.9999,
+        ema_tau: float = 2000.0,
+        box: float = 7.5,
+        cls: float = 0.5,
+        dfl: float = 1.5,
+        overlap_mask: bool = True,
+        conf: float = 0.001,
+        iou: float = 0.7,
+        max_det: int = 300,
+        pr_conf: float = 0.25,
+        predict_conf: float = 0.25,
+        model_yaml: dict | None = None,
+    ) -> None:
+        super().__init__()
+        resolve_optimizer(optimizer, lr0, momentum, num_classes, 0)  # fail at construction on a bad name
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.net = build_network(model, num_classes, class_names, reinit_head, model_yaml)
+        self.hparams["model_yaml"] = network_yaml(self.net)
+        self.hparams["class_names"] = dict(self.net.names)
+        self.ema = EMA(self.net, ema_decay, ema_tau) if ema else None
+        self.val_map = mask_map_metric()
+        self.val_match = CellMatchMetrics(conf=pr_conf)
+        self._criterion = None
+        self._criterion_device: torch.device | None = None
+        self._last_opt_step = -1
+        self._accumulate = 1
+        self._nw = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def class_names(self) -> dict[int, str]:
+        return dict(self.net.names)
+
+    @property
+    def eval_net(self) -> torch.nn.Module:
+        """The weights used for validation, best-model selection and export: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def criterion(self, preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        if self._criterion is None or self._criterion_device != self.device:
+            h = self.hparams
+            self._criterion = attach_loss(self.net, h.box, h.cls, h.dfl, h.overlap_mask)
+            self._criterion_device = self.device
+        return self._criterion(preds, batch)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        batch["img"] = batch["img"].float() / 255.0
+        return batch
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        h = self.hparams
+        trainer = self.trainer
+        if not trainer.max_epochs or trainer.max_epochs < 1:
+            raise ValueError("--trainer.max_epochs: set a positive number of epochs (the lr schedule needs it)")
+        trainer.estimated_stepping_batches  # noqa: B018 - sets up the train loader so its size is known
+        loader = trainer.train_dataloader
+        batch_total = loader.batch_size * trainer.world_size
+        n_images = len(loader.dataset)
+        nb = trainer.num_training_batches
+        self._accumulate = min(max(round(h.nbs / batch_total), 1), max(nb * trainer.max_epochs, 1))
+        weight_decay = h.weight_decay * batch_total * self._accumulate / h.nbs
+        iterations = math.ceil(n_images / max(batch_total, h.nbs)) * trainer.max_epochs
+        name, lr, momentum = resolve_optimizer(h.optimizer, h.lr0, h.momentum, h.num_classes, iterations)
+        if h.optimizer.lower() == "auto":
+            log.info("optimizer=auto: ignoring lr0=%g, using %s(lr=%g, momentum=%g)", h.lr0, name, lr, momentum)
+            self._warmup_bias_lr = 0.0
+        else:
+            self._warmup_bias_lr = h.warmup_bias_lr
+        self._momentum = momentum
+        self._nw = warmup_iterations(h.warmup_epochs, trainer.max_epochs, nb)
+        return build_optimizer(self.net, name, lr, momentum, weight_decay)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        h = self.hparams
+        opt = self.optimizers()
+        nb = self.trainer.num_training_batches
+        ni = batch_idx + nb * self.current_epoch
+        accumulate = schedule(
+            opt.optimizer, ni, self.current_epoch, self.trainer.max_epochs, self._nw, self._accumulate,
+            h.lrf, h.cos_lr, self._momentum, h.warmup_momentum, self._warmup_bias_lr,
+        )
+        loss, parts = self.criterion(self.net(batch["img"]), batch)
+        # DDP averages gradients over processes; Ultralytics scales the loss by world size to keep sums.
+        self.manual_backward(loss * self.trainer.world_size)
+        if ni - self._last_opt_step >= accumulate:
+            if h.grad_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self._last_opt_step = ni
+            if self.ema is not None:
+                self.ema.update(self.net)
+        bs = batch["img"].shape[0]
+        self.log_dict({f"train/{k}": parts[k] for k in LOSS_NAMES}, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("loss", loss.detach() / bs, prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=bs)
+        if batch_idx == nb - 1:  # the lr of the epoch's last batch, as Ultralytics reports it
+            for i, group in enumerate(opt.optimizer.param_groups):
+                self.log(f"lr/pg{i}", group["lr"], on_step=False, on_epoch=True, batch_size=bs)
+        return loss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        self._last_opt_step = min(self._last_opt_step, self.trainer.num_training_batches * self.current_epoch - 1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cellseg_last_opt_step"] = self._last_opt_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._last_opt_step = checkpoint.get("cellseg_last_opt_step", -1)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
+        h = self.hparams
+        det, proto, raw = split_outputs(self.eval_net(batch["img"]))
+        _, parts = self.criterion(raw, batch)
+        bs = batch["img"].shape[0]
+        self.log_dict({f"{prefix}/{k}": parts[k] for k in LOSS_NAMES}, on_epoch=True, batch_size=bs, sync_dist=True)
+        preds = postprocess(det, proto, h.num_classes, h.conf, h.iou, h.max_det)
+        targets = targets_from_batch(batch)
+        self.val_map.update(
+            [{k: p[k] for k in ("boxes", "scores", "labels", "masks")} for p in preds],
+            [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets],
+        )
+        self.val_match.update(preds, targets)
+
+    def _log_metrics(self) -> None:
+        m = self.val_map.compute()
+        c = self.val_match.compute()
+        self.val_map.reset()
+        self.val_match.reset()
+        values = {
+            "metrics/precision(M)": c["precision"],
+            "metrics/recall(M)": c["recall"],
+            "metrics/mAP50(M)": m["segm_map_50"],
+            "metrics/mAP50-95(M)": m["segm_map"],
+            "metrics/mAP50(B)": m["bbox_map_50"],
+            "metrics/mAP50-95(B)": m["bbox_map"],
+            "metrics/F1(M)": c["f1"],
+            "metrics/AP_cell(M)": c["ap_cell"],
+            "metrics/mean_matched_IoU(M)": c["mean_matched_iou"],
+            "metrics/count_MAE": c["count_mae"],
+            "metrics/count_MRE": c["count_mre"],
+        }
+        values = {k: v.float().clamp(min=0) for k, v in values.items()}
+        values["fitness"] = mask_fitness(values["metrics/mAP50(M)"], values["metrics/mAP50-95(M)"])
+        self.log_dict(values)
+        self.log("mAP50(M)", values["metrics/mAP50(M)"], prog_bar=True, logger=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Detections per image at the original image resolution (masks rebuilt from prototypes at full size)."""
+        h = self.hparams
+        det, proto, _ = split_outputs(self.eval_net(batch["img"]))
+        results = postprocess(det, proto, h.num_classes, h.predict_conf, h.iou, h.max_det)
+        size = tuple(batch["img"].shape[-2:])
+        out = []
+        for i, r in enumerate(results):
+            o = to_original(r, proto[i], size, tuple(batch["ori_shape"][i]))
+            out.append({**{k: v.cpu() for k, v in o.items()}, "im_file": batch["im_file"][i], "ori_shape": batch["ori_shape"][i]})
+        return out

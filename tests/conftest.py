@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny synthetic YOLO-seg data sets and a guard that fails any test touching the network."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
+class NetworkAccessError(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with outbound connections and DNS look-ups refused: cellseg_pl must work offline."""
+
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+    local = {"localhost", "127.0.0.1", "::1", "", None}
+
+    def guarded_connect(sock, address, *args, **kwargs):
+        host = address[0] if isinstance(address, tuple) else None
+        if sock.family == socket.AF_UNIX or host in local:
+            return real_connect(sock, address, *args, **kwargs)
+        raise NetworkAccessError(f"test tried to reach the network: {address!r}")
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host in local:
+            return real_getaddrinfo(host, *args, **kwargs)
+        raise NetworkAccessError(f"test tried to resolve {host!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 12-image demo-style data set at 128 px (8 train, 4 val); returns its dataset.yaml."""
+    from cellseg_pl.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    return make_demo_dataset(root, n_train=8, n_val=4, size=128, seed=1)
+
+
+def fit_args(data_yaml: Path, project: Path, name: str = "run", epochs: int = 2, *extra: str) -> list[str]:
+    """CLI arguments for a fast CPU fit on tiny data."""
+    return [
+        "fit",
+        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+        "--project", str(project),
+        "--name", name,
+        "--data.dataset", str(data_yaml),
+        "--data.imgsz", "128",
+        "--data.batch_size", "4",
+        "--data.num_workers", "0",
+        "--trainer.max_epochs", str(epochs),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging():
+    """``main()`` adds a stderr handler to the package logger; remove it so tests stay independent."""
+    import logging
+
+    yield
+    logging.getLogger("cellseg_pl").handlers.clear()

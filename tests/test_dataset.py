@@ -1,0 +1,143 @@
+"""Data set on disk -> samples -> batch: label parsing, rasterization, boxes from masks, the batch schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg_pl.dataset import (
+    Collate,
+    DatasetError,
+    YoloSegDataset,
+    instance_boxes,
+    label_path_for,
+    load_dataset_yaml,
+    rasterize,
+    read_image,
+    read_label,
+)
+from cellseg_pl.transforms import ValTransform
+
+
+def test_load_dataset_yaml(tiny_data):
+    spec = load_dataset_yaml(tiny_data)
+    assert spec.names == {0: "cell"}
+    assert len(spec.splits["train"]) == 8 and len(spec.splits["val"]) == 4
+    assert all(label_path_for(p).is_file() for p in spec.splits["train"])
+
+
+def test_dataset_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "d.yaml"
+    bad.write_text("path: .\ntrain: images/train\nnames: [cell]\n")
+    with pytest.raises(DatasetError, match="missing key 'val'"):
+        load_dataset_yaml(bad)
+    bad.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [cell]\n")
+    with pytest.raises(DatasetError, match=r"'train: images/train'.*does not exist"):
+        load_dataset_yaml(bad)
+
+
+def test_label_path_mirrors_images_folder():
+    assert label_path_for(Path("/d/images/train/a.png")) == Path("/d/labels/train/a.txt")
+    assert label_path_for(Path("/d/images/train/sub/a.jpg")) == Path("/d/labels/train/sub/a.txt")
+
+
+def test_read_label_skips_and_counts_bad_lines(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text(
+        "0 0.1 0.1 0.5 0.1 0.5 0.5\n"  # good
+        "0 0.1 0.1 0.5\n"  # odd count
+        "0 0.1 0.1 0.5 0.1\n"  # 2 points
+        "3 0.1 0.1 0.5 0.1 0.5 0.5\n"  # unknown class
+        "0 -0.2 0.1 1.5 0.1 0.5 0.5\n"  # out of range -> clipped, kept
+        "\n"
+    )
+    classes, polys, skipped = read_label(f, num_classes=1)
+    assert classes.tolist() == [0, 0]
+    assert polys[1].min() >= 0 and polys[1].max() <= 1
+    assert skipped == {"odd number of coordinates": 1, "fewer than 3 points": 1, "unknown class index": 1}
+    classes, polys, skipped = read_label(tmp_path / "missing.txt", 1)
+    assert len(classes) == 0 and polys == [] and skipped == {}
+
+
+def test_rasterize_puts_small_instances_on_top():
+    big = np.array([[0.1, 0.1], [0.9, 0.1], [0.9, 0.9], [0.1, 0.9]], np.float32)
+    small = np.array([[0.4, 0.4], [0.6, 0.4], [0.6, 0.6], [0.4, 0.6]], np.float32)
+    inst, order = rasterize([small, big], 100, 100)
+    assert order.tolist() == [1, 0]  # big drawn first (id 1), small on top (id 2)
+    assert inst[50, 50] == 2 and inst[20, 20] == 1
+    ids, boxes = instance_boxes(inst)
+    assert ids.tolist() == [1, 2]
+    np.testing.assert_allclose(boxes[1], [40, 40, 61, 61], atol=1)
+
+
+def test_read_image_normalizes_16bit_gray_and_rgba(tmp_path):
+    import cv2
+
+    gray16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 10)
+    cv2.imwrite(str(tmp_path / "g.png"), gray16)
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 2] = 200
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    g = read_image(tmp_path / "g.png")
+    assert g.shape == (64, 64, 3) and g.dtype == np.uint8 and g.max() == 255 and g.min() == 0
+    a = read_image(tmp_path / "a.png")
+    assert a.shape == (32, 32, 3) and a[0, 0, 0] == 200  # BGR(A) on disk -> RGB
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="bad.png: cannot decode"):
+        read_image(tmp_path / "bad.png")
+
+
+def test_val_sample_and_batch_schema(tiny_data):
+    spec = load_dataset_yaml(tiny_data)
+    ds = YoloSegDataset(spec.splits["val"], 1, imgsz=128, transform=ValTransform(128))
+    batch = Collate(mask_ratio=4, overlap_mask=True, full_masks=True)([ds[0], ds[1]])
+    n = batch["cls"].shape[0]
+    assert batch["img"].shape == (2, 3, 128, 128) and batch["img"].dtype == torch.uint8
+    assert batch["batch_idx"].shape == (n,) and batch["bboxes"].shape == (n, 4)
+    assert batch["masks"].shape == (2, 32, 32) and batch["masks"].dtype == torch.int64
+    assert batch["instances"].shape == (2, 128, 128)
+    # instance ids are 1..n_i per image, in the order of cls/bboxes
+    for i in range(2):
+        n_i = int((batch["batch_idx"] == i).sum())
+        assert set(batch["instances"][i].unique().tolist()) == set(range(n_i + 1))
+    # boxes are normalized xywh of the instance's pixels
+    inst0 = batch["instances"][0]
+    ys, xs = torch.nonzero(inst0 == 1, as_tuple=True)
+    x, y, w, h = (batch["bboxes"][0] * 128).tolist()
+    assert abs((x - w / 2) - xs.min().item()) <= 1 and abs((x + w / 2) - (xs.max().item() + 1)) <= 1
+    assert abs((y - h / 2) - ys.min().item()) <= 1 and abs((y + h / 2) - (ys.max().item() + 1)) <= 1
+    # the labels on disk match: one instance per polygon line
+    lines = [l for l in label_path_for(Path(batch["im_file"][0])).read_text().splitlines() if l.strip()]
+    assert int((batch["batch_idx"] == 0).sum()) == len(lines)
+
+
+def test_collate_without_overlap_gives_one_mask_per_instance(tiny_data):
+    spec = load_dataset_yaml(tiny_data)
+    ds = YoloSegDataset(spec.splits["val"], 1, imgsz=128, transform=ValTransform(128))
+    samples = [ds[0], ds[1]]
+    a = Collate(4, overlap_mask=True)(samples)
+    b = Collate(4, overlap_mask=False)(samples)
+    n = a["cls"].shape[0]
+    assert b["masks"].shape == (n, 32, 32)
+    first = int((a["batch_idx"] == 0).sum())
+    assert torch.equal(b["masks"][0].bool(), a["masks"][0] == 1)
+    assert torch.equal(b["masks"][first].bool(), a["masks"][1] == 1)
+
+
+def test_background_image_has_no_instances(tiny_data, tmp_path):
+    spec = load_dataset_yaml(tiny_data)
+    src = spec.splits["val"][0]
+    img_dir, lbl_dir = tmp_path / "images" / "val", tmp_path / "labels" / "val"
+    img_dir.mkdir(parents=True)
+    lbl_dir.mkdir(parents=True)
+    (img_dir / src.name).write_bytes(src.read_bytes())
+    (lbl_dir / (src.stem + ".txt")).write_text("")
+    ds = YoloSegDataset([img_dir / src.name], 1, imgsz=128, transform=ValTransform(128))
+    batch = Collate(4, True, True)([ds[0]])
+    assert batch["cls"].shape == (0, 1) and batch["bboxes"].shape == (0, 4)
+    assert int(batch["instances"].max()) == 0
