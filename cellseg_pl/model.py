@@ -190,3 +190,44 @@ def save_ultralytics_checkpoint(
         "train_metrics": {},
     }
     torch.save(ckpt, path)
+
+
+def load_weights(path: str | Path) -> tuple[nn.Module, dict[int, str], dict[str, Any]]:
+    """Load a network for inference or export from a cellseg_pl ``.ckpt`` or an Ultralytics ``.pt``.
+
+    A Lightning ``.ckpt`` is read with ``torch.load(weights_only=True)`` (no code runs) and gives the EMA weights
+    when the run kept an EMA (the weights validation scored); an Ultralytics ``.pt`` is a pickle: trusted files only.
+
+    Returns:
+        ``(net, class_names, info)``: the network in float32 eval mode, index -> name, and ``info`` with
+        ``imgsz`` (training input size, when known) and ``source`` (``ckpt`` or ``pt``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist")
+    if path.suffix == ".ckpt":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means "not a cellseg_pl checkpoint"
+            raise ModelError(f"{path} is not a readable cellseg_pl checkpoint ({type(e).__name__}: {e})") from None
+        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+        if "model_yaml" not in hp or "state_dict" not in ckpt:
+            raise ModelError(f"{path} is not a cellseg_pl checkpoint (no model_yaml / state_dict)")
+        names = {int(k): str(v) for k, v in (hp.get("class_names") or {}).items()}
+        net = build_network("", int(hp["num_classes"]), names or None, model_yaml=hp["model_yaml"])
+        state = ckpt["state_dict"]
+        prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
+        net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        info = {"imgsz": (ckpt.get("datamodule_hyper_parameters") or {}).get("imgsz"), "source": "ckpt"}
+    elif path.suffix == ".pt":
+        ckpt = load_ultralytics_checkpoint(path)
+        net = (ckpt.get("ema") or ckpt.get("model")).float()
+        names = {int(k): str(v) for k, v in dict(getattr(net, "names", {}) or {}).items()}
+        train_args = ckpt.get("train_args") or {}
+        info = {"imgsz": train_args.get("imgsz"), "source": "pt"}
+    else:
+        raise ModelError(f"{path}: expected a cellseg_pl .ckpt or an Ultralytics .pt")
+    if not names:
+        names = {i: str(i) for i in range(int(net.model[-1].nc))}
+    net.names = names
+    return net.eval(), names, info
