@@ -25,6 +25,15 @@ def _convert(argv: list[str]) -> int:
 #: Non-Lightning sub-commands: name -> (function(argv) -> exit code, one-line help).
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "convert": (_convert, "CVAT 'COCO 1.0' export zip -> YOLO-seg data set (dataset.yaml, images/, labels/)"),
+    "export": (
+        lambda argv: __import__("cellseg_pl.export", fromlist=["main"]).main(argv),  # imported only when run
+        "trained run (.ckpt) -> Ultralytics .pt model file (never replaces an existing file)",
+    ),
+    "predict": (
+        lambda argv: __import__("cellseg_pl.predict", fromlist=["main"]).main(argv),  # imported only when run
+        "with --images DIR: weights + images -> COCO 1.0 JSON for CVAT (predict --images DIR --help);\n"
+        "             without --images: LightningCLI's predict",
+    ),
 }
 
 
@@ -74,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
-    if argv[0] in COMMANDS:
+    # ``predict --images DIR`` is the CVAT prediction tool; any other ``predict`` goes to LightningCLI
+    folder_predict = any(a == "--images" or a.startswith("--images=") for a in argv[1:])
+    if argv[0] in COMMANDS and (argv[0] != "predict" or folder_predict):
         return COMMANDS[argv[0]][0](argv[1:])
 
     from cellseg_pl.cli import CellSegCLI, UsageError
@@ -86,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DatasetError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

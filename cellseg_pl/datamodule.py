@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from cellseg_pl.dataset import IMAGE_SUFFIXES, Collate, DatasetError, YoloSegDataset, load_dataset_yaml
 from cellseg_pl.transforms import TrainTransform, ValTransform
 
 log = logging.getLogger(__name__)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random order that is a pure function of ``(seed, epoch)``, so a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` every epoch (and wraps this sampler in a distributed one under DDP).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def global_seed() -> int:
+    """The seed ``seed_everything`` set (Lightning exports it as ``PL_GLOBAL_SEED``), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class CellSegDataModule(L.LightningDataModule):
@@ -80,6 +109,8 @@ class CellSegDataModule(L.LightningDataModule):
             imgsz, degrees, translate, scale, shear, perspective, flipud, fliplr, hsv_h, hsv_s, hsv_v, mosaic, mixup,
             copy_paste,
         )
+        # Shared memory: persistent loader workers read the current epoch from it (augmentation seeds).
+        self._epoch = multiprocessing.Value("i", 0, lock=False)
 
     @property
     def num_classes(self) -> int:
@@ -92,7 +123,8 @@ class CellSegDataModule(L.LightningDataModule):
         return dict(self.spec.names)
 
     def set_epoch(self, epoch: int, max_epochs: int) -> None:
-        """Apply ``close_mosaic``: mosaic is off from epoch ``max_epochs - close_mosaic`` on."""
+        """Set the epoch the augmentation seeds derive from, and apply ``close_mosaic`` (off for the last N epochs)."""
+        self._epoch.value = epoch
         close = self.hparams.close_mosaic
         enabled = self.hparams.mosaic > 0 and not (close and max_epochs > 0 and epoch >= max_epochs - close)
         if enabled != self.train_transform.mosaic_enabled:
@@ -101,14 +133,26 @@ class CellSegDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, train: bool) -> YoloSegDataset:
         transform = self.train_transform if train else ValTransform(self.hparams.imgsz)
-        return YoloSegDataset(self.spec.splits[split], self.num_classes, self.hparams.imgsz, transform)
+        return YoloSegDataset(
+            self.spec.splits[split], self.num_classes, self.hparams.imgsz, transform, seed=global_seed(),
+            epoch=self._epoch,
+        )
+
+    def _sampler(self, dataset: YoloSegDataset, train: bool) -> Sampler | None:
+        if train:
+            return EpochShuffleSampler(len(dataset), global_seed())
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # every image exactly once over all processes, so metrics equal a single-process run's
+            return UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+        return None
 
     def _loader(self, dataset: YoloSegDataset, train: bool, full_masks: bool) -> DataLoader:
         batch_size = self.hparams.batch_size if train else self.hparams.batch_size * 2
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=self._sampler(dataset, train),
             # a final batch of one image would give BatchNorm a single value per channel
             drop_last=train and len(dataset) % batch_size == 1,
             num_workers=self.hparams.num_workers,
@@ -141,4 +185,5 @@ class CellSegDataModule(L.LightningDataModule):
         if not images:
             raise DatasetError(f"--data.predict_images: {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         dataset = YoloSegDataset(images, self.num_classes, self.hparams.imgsz, ValTransform(self.hparams.imgsz))
+        # (prediction: Lightning adds its own unrepeated distributed sampler under DDP)
         return self._loader(dataset, train=False, full_masks=False)

@@ -31,7 +31,6 @@ instances are drawn first), exactly as Ultralytics' ``overlap_mask=True`` target
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -257,8 +256,13 @@ class YoloSegDataset(torch.utils.data.Dataset):
         images: image files; each label is found with :func:`label_path_for`.
         num_classes: number of classes (label lines with another index are skipped and counted).
         imgsz: network input side in px (a multiple of 32).
-        transform: callable ``(sample, dataset) -> sample`` applied to a loaded sample (see
+        transform: callable ``(sample, dataset, rng) -> sample`` applied to a loaded sample (see
             :mod:`cellseg_pl.transforms`); ``None`` letterboxes only.
+        seed: base seed of the augmentation randomness.
+        epoch: shared integer (``multiprocessing.Value``) holding the current epoch, or None for epoch 0.
+
+    Randomness is a pure function of ``(seed, epoch, index)``: a sample is augmented the same way whichever worker
+    loads it, and a run resumed at an epoch boundary sees exactly the samples an uninterrupted run would.
     """
 
     def __init__(
@@ -266,14 +270,16 @@ class YoloSegDataset(torch.utils.data.Dataset):
         images: list[Path],
         num_classes: int,
         imgsz: int = 640,
-        transform: Callable[[dict, "YoloSegDataset"], dict] | None = None,
+        transform: Callable[[dict, "YoloSegDataset", np.random.Generator], dict] | None = None,
+        seed: int = 0,
+        epoch: Any = None,
     ) -> None:
         self.images = [Path(p) for p in images]
         self.num_classes = num_classes
         self.imgsz = imgsz
         self.transform = transform
-        self._seeded_for: tuple[int, int] | None = None
-        self.rng = np.random.default_rng(0)
+        self.seed = seed
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
@@ -303,25 +309,16 @@ class YoloSegDataset(torch.utils.data.Dataset):
             "im_file": str(path),
         }
 
-    def _reseed(self) -> None:
-        """Give every worker process and epoch its own random stream (forked workers share the parent's)."""
-        key = (os.getpid(), torch.initial_seed())
-        if key != self._seeded_for:
-            self._seeded_for = key
-            seed = torch.initial_seed() % 2**32
-            self.rng = np.random.default_rng(seed)
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(seed)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        self._reseed()
+        epoch = int(self.epoch.value) if self.epoch is not None else 0
+        rng = np.random.default_rng([self.seed, epoch, index])
         sample = self.load(index)
         h, w = sample["instances"].shape
         gain_total = self.imgsz / max(sample["ori_shape"])
         _, pad = letterbox_params(h, w, self.imgsz)
         sample["ratio_pad"] = (gain_total, pad)
         if self.transform is not None:
-            sample = self.transform(sample, self)
+            sample = self.transform(sample, self, rng)
         else:
             sample = letterbox(sample, self.imgsz)
         return finalize(sample)

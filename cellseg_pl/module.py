@@ -63,6 +63,7 @@ class CellSegModule(L.LightningModule):
         max_det: maximum detections per image (>= 300 for dense cell images).
         pr_conf: confidence at which precision, recall and F1 are reported.
         predict_conf: confidence threshold of the ``predict`` sub-command.
+        max_nonfinite: a NaN/Inf loss or gradient skips its step with a warning; this many in a row stop training.
         model_yaml: network definition stored in checkpoints so they reload without the original ``.pt``;
             filled in automatically, leave unset.
     """
@@ -96,6 +97,7 @@ class CellSegModule(L.LightningModule):
         max_det: int = 300,
         pr_conf: float = 0.25,
         predict_conf: float = 0.25,
+        max_nonfinite: int = 5,
         model_yaml: dict | None = None,
     ) -> None:
         super().__init__()
@@ -113,6 +115,7 @@ class CellSegModule(L.LightningModule):
         self._last_opt_step = -1
         self._accumulate = 1
         self._nw = 0
+        self._nonfinite = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -169,16 +172,29 @@ class CellSegModule(L.LightningModule):
             h.lrf, h.cos_lr, self._momentum, h.warmup_momentum, self._warmup_bias_lr,
         )
         loss, parts = self.criterion(self.net(batch["img"]), batch)
+        if not torch.isfinite(loss):
+            self._skip_nonfinite(f"loss {loss.item()}", batch_idx)
+            # every process must still run a backward (DDP), one that changes nothing
+            self.manual_backward(sum((p * 0).sum() for p in self.net.parameters()))
+            return None
         # DDP averages gradients over processes; Ultralytics scales the loss by world size to keep sums.
         self.manual_backward(loss * self.trainer.world_size)
         if ni - self._last_opt_step >= accumulate:
             if h.grad_clip > 0:
                 self.clip_gradients(opt, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is None and not self._finite_gradients():
+                # (with a 16-bit grad scaler, the scaler itself skips such steps and lowers its scale)
+                self._skip_nonfinite("gradient", batch_idx)
+                opt.zero_grad(set_to_none=True)
+                self._last_opt_step = ni
+                return None
             opt.step()
             opt.zero_grad(set_to_none=True)
             self._last_opt_step = ni
             if self.ema is not None:
                 self.ema.update(self.net)
+        self._nonfinite = 0
         bs = batch["img"].shape[0]
         self.log_dict({f"train/{k}": parts[k] for k in LOSS_NAMES}, on_step=False, on_epoch=True, batch_size=bs)
         self.log("loss", loss.detach() / bs, prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=bs)
@@ -186,6 +202,23 @@ class CellSegModule(L.LightningModule):
             for i, group in enumerate(opt.optimizer.param_groups):
                 self.log(f"lr/pg{i}", group["lr"], on_step=False, on_epoch=True, batch_size=bs)
         return loss.detach()
+
+    def _finite_gradients(self) -> bool:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def _skip_nonfinite(self, what: str, batch_idx: int) -> None:
+        """Skip one step with a warning; stop with a clear error after ``max_nonfinite`` in a row."""
+        self._nonfinite += 1
+        log.warning(
+            "epoch %d, batch %d: non-finite %s, step skipped (%d in a row)",
+            self.current_epoch, batch_idx, what, self._nonfinite,
+        )
+        if self._nonfinite >= self.hparams.max_nonfinite:
+            raise FloatingPointError(
+                f"training stopped at epoch {self.current_epoch}, batch {batch_idx}: {self._nonfinite} non-finite "
+                f"losses/gradients in a row; lower --model.lr0, check the data, or train with --trainer.precision 32"
+            )
 
     def on_train_epoch_start(self) -> None:
         self._last_opt_step = min(self._last_opt_step, self.trainer.num_training_batches * self.current_epoch - 1)

@@ -1,6 +1,6 @@
 """Albumentations pipelines that move instance masks with the image: mosaic, copy-paste, affine, flips, HSV.
 
-A transform here is a callable ``(sample, dataset) -> sample`` over the loaded samples of
+A transform here is a callable ``(sample, dataset, rng) -> sample`` over the loaded samples of
 :class:`cellseg_pl.dataset.YoloSegDataset` (``image`` HxWx3 uint8 RGB with its long side already ``imgsz``,
 ``instances`` HxW uint16 instance map, ``classes``). Because every instance lives in one integer map that is warped
 with nearest-neighbour interpolation, masks follow every geometric change exactly and boxes are recomputed from the
@@ -100,7 +100,6 @@ class TrainTransform:
         self.mosaic_p, self.mixup_p, self.copy_paste_p = mosaic, mixup, copy_paste
         # Shared memory, so that persistent data-loader workers see close_mosaic switch it off.
         self._mosaic_on = multiprocessing.Value("b", mosaic > 0, lock=False)
-        self.rng = np.random.default_rng(0)
         self.mosaic = A.Compose(
             [
                 A.Mosaic(
@@ -156,31 +155,26 @@ class TrainTransform:
     def mosaic_enabled(self, value: bool) -> None:
         self._mosaic_on.value = bool(value)
 
-    def set_random_seed(self, seed: int) -> None:
-        """Reseed every random stream (called once per worker process and epoch by the data set)."""
-        self.rng = np.random.default_rng(seed)
-        for i, compose in enumerate((self.mosaic, self.spatial, self.color)):
-            compose.set_random_seed(seed + i)
-
-    def __call__(self, sample: dict[str, Any], dataset: Any) -> dict[str, Any]:
-        sample = self._base(sample, dataset)
-        if self.copy_paste_p > 0 and self.rng.random() < self.copy_paste_p and len(dataset) > 1:
-            source = dataset.load(self._other_index(dataset))
-            sample = copy_paste(sample, letterbox(source, self.imgsz), self.copy_paste_p, self.rng)
+    def __call__(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator) -> dict[str, Any]:
+        """Augment one loaded sample; ``rng`` is its own random stream (the data set derives it per sample)."""
+        for compose in (self.mosaic, self.spatial, self.color):
+            compose.set_random_seed(int(rng.integers(2**31)))
+        sample = self._base(sample, dataset, rng)
+        if self.copy_paste_p > 0 and rng.random() < self.copy_paste_p and len(dataset) > 1:
+            source = dataset.load(int(rng.integers(len(dataset))))
+            sample = copy_paste(sample, letterbox(source, self.imgsz), self.copy_paste_p, rng)
         sample = self._apply(self.spatial, sample)
-        if self.mixup_p > 0 and self.rng.random() < self.mixup_p and len(dataset) > 1:
-            other = self._apply(self.spatial, self._base(dataset.load(self._other_index(dataset)), dataset))
-            sample = mixup(sample, other, self.rng)
+        if self.mixup_p > 0 and rng.random() < self.mixup_p and len(dataset) > 1:
+            other = dataset.load(int(rng.integers(len(dataset))))
+            other = self._apply(self.spatial, self._base(other, dataset, rng))
+            sample = mixup(sample, other, rng)
         return self._apply(self.color, sample)
 
-    def _other_index(self, dataset: Any) -> int:
-        return int(self.rng.integers(len(dataset)))
-
-    def _base(self, sample: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    def _base(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator) -> dict[str, Any]:
         """Mosaic of this sample and three random others, or a plain letterbox."""
-        if not (self.mosaic_enabled and self.rng.random() < self.mosaic_p and len(dataset) > 1):
+        if not (self.mosaic_enabled and rng.random() < self.mosaic_p and len(dataset) > 1):
             return letterbox(sample, self.imgsz)
-        others = [dataset.load(self._other_index(dataset)) for _ in range(3)]
+        others = [dataset.load(int(rng.integers(len(dataset)))) for _ in range(3)]
         # Instance ids must stay unique across the four tiles: offset each tile's ids past the previous ones.
         offset = len(sample["classes"])
         classes = [sample["classes"]]
@@ -208,7 +202,7 @@ class ValTransform:
     def __init__(self, imgsz: int = 640) -> None:
         self.imgsz = imgsz
 
-    def __call__(self, sample: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator | None = None) -> dict[str, Any]:
         return letterbox(sample, self.imgsz)
 
 

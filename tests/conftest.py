@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,16 @@ def fit_args(data_yaml: Path, project: Path, name: str = "run", epochs: int = 2,
 
 @pytest.fixture(autouse=True)
 def fresh_logging():
-    """``main()`` adds a stderr handler to the package logger; remove it so tests stay independent."""
+    """Keep logging handlers pointed at this test's stderr and drop the one ``main()`` adds afterwards.
+
+    Lightning binds a stream handler to ``sys.stderr`` when first imported; under pytest that may be an earlier
+    test's (closed) capture buffer.
+    """
     import logging
 
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.stream = sys.stderr  # not setStream(): it flushes the old, maybe closed, stream
     yield
     logging.getLogger("cellseg_pl").handlers.clear()
