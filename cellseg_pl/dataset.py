@@ -149,7 +149,9 @@ def read_image(path: Path) -> np.ndarray:
         DatasetError: the file cannot be decoded.
     """
     data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    # ANYDEPTH|ANYCOLOR keeps 16-bit and gray but, unlike IMREAD_UNCHANGED, applies the EXIF orientation as
+    # cv2.imread (Ultralytics) and the CVAT converter do, so labels and pixels stay aligned for rotated JPEGs
+    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     if img is None:
         raise DatasetError(f"{path}: cannot decode the image (corrupt or not an image); remove or replace it")
     if img.dtype != np.uint8:

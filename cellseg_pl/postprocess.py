@@ -15,6 +15,7 @@ def postprocess(
     conf: float = 0.001,
     iou: float = 0.7,
     max_det: int = 300,
+    with_masks: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """NMS and mask assembly at the network input resolution.
 
@@ -25,10 +26,12 @@ def postprocess(
         conf: minimum score kept.
         iou: NMS IoU threshold.
         max_det: maximum detections per image.
+        with_masks: assemble ``masks``; prediction at the original size (:func:`to_original`) does not need them.
 
     Returns:
         One dict per image: ``boxes`` (n, 4) xyxy px in the S x S input, ``scores`` (n,), ``labels`` (n,) int64,
-        ``coeffs`` (n, 32), ``masks`` (n, S, S) bool (prototypes upsampled to S, then cropped to the box).
+        ``coeffs`` (n, 32), ``masks`` (n, S, S) bool (prototypes upsampled to S, then cropped to the box; absent
+        without ``with_masks``).
     """
     from ultralytics.utils.nms import non_max_suppression
     from ultralytics.utils.ops import process_mask
@@ -38,8 +41,10 @@ def postprocess(
     results = []
     for i, x in enumerate(outputs):
         boxes, coeffs = x[:, :4], x[:, 6:]
-        masks = process_mask(proto[i], coeffs, boxes, size, upsample=True).bool()
-        results.append({"boxes": boxes, "scores": x[:, 4], "labels": x[:, 5].long(), "coeffs": coeffs, "masks": masks})
+        result = {"boxes": boxes, "scores": x[:, 4], "labels": x[:, 5].long(), "coeffs": coeffs}
+        if with_masks:
+            result["masks"] = process_mask(proto[i], coeffs, boxes, size, upsample=True).bool()
+        results.append(result)
     return results
 
 

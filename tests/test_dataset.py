@@ -141,3 +141,14 @@ def test_background_image_has_no_instances(tiny_data, tmp_path):
     batch = Collate(4, True, True)([ds[0]])
     assert batch["cls"].shape == (0, 1) and batch["bboxes"].shape == (0, 4)
     assert int(batch["instances"].max()) == 0
+
+
+def test_read_image_applies_exif_orientation_like_cv2_imread(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 20), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 deg clockwise to display
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    out = read_image(tmp_path / "r.jpg")
+    assert out.shape[:2] == (40, 20)  # height and width swapped: displayed as CVAT and Ultralytics show it
