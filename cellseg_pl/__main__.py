@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in COMMANDS and (argv[0] != "predict" or folder_predict):
         return COMMANDS[argv[0]][0](argv[1:])
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from cellseg_pl.cli import CellSegCLI, UsageError
     from cellseg_pl.dataset import DatasetError
     from cellseg_pl.model import ModelError
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SIGTERMException:
+        print("stopped by SIGTERM; weights/last.ckpt holds the state: resume with --ckpt_path last", file=sys.stderr)
+        return 128 + 15
     return 0
 
 

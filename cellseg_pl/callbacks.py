@@ -157,6 +157,19 @@ class RunCheckpoint(ModelCheckpoint):
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On an interruption (SIGTERM, Ctrl-C) refresh ``last.ckpt`` with the current state, never ``best``.
+
+        A failed run (any other exception, e.g. NaN losses) keeps the last good ``last.ckpt`` instead.
+        """
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not (self.save_on_exception and self.save_last and trainer.state.fn == TrainerFn.FITTING):
+            return
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            log.info("interrupted: saved %s; resume with --ckpt_path last", self.last_model_path)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "last_epoch_saved": self._last_epoch_saved}
 

@@ -10,11 +10,17 @@ A ``fit`` writes everything under ``<project>/<name>/`` (default ``checkpoints/t
 
 A new ``fit`` never writes into a folder that holds an earlier run: ``name`` becomes ``name2``, ``name3``...,
 as with ``yolo segment train``. ``--ckpt_path last`` resumes the run in ``<project>/<name>`` itself.
+
+Under SLURM the folder is taken as given (give each job its own ``--name``, e.g. with ``$SLURM_JOB_ID``, which a
+requeued job keeps): a requeued job finds its folder and resumes from the checkpoint Lightning wrote on the
+requeue signal (``hpc_ckpt_*.ckpt``), else from ``weights/last.ckpt``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from cellseg_pl.callbacks import CloseMosaic, ResultsCSV, RunCheckpoint
 from cellseg_pl.datamodule import CellSegDataModule
@@ -30,6 +37,8 @@ from cellseg_pl.module import CellSegModule
 log = logging.getLogger(__name__)
 
 MONITOR = "fitness"
+#: The run folder rank 0 chose, handed to the worker processes Lightning's DDP launcher starts.
+RUN_DIR_ENV = "CELLSEG_PL_RUN_DIR"
 
 
 class UsageError(ValueError):
@@ -79,6 +88,9 @@ class CellSegCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--project", type=str, default="checkpoints", help="Folder that holds the runs.")
         parser.add_argument("--name", type=str, default="train", help="Run name: outputs go to <project>/<name>.")
+        parser.add_argument(
+            "--report", type=str, default=None, help="validate/test: also write the metrics to this JSON file."
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.overlap_mask", "model.overlap_mask")
@@ -92,6 +104,7 @@ class CellSegCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.enable_version_counter": False,
+                "checkpoint.save_on_exception": True,
             }
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
@@ -99,12 +112,23 @@ class CellSegCLI(LightningCLI):
             {"early_stopping.monitor": MONITOR, "early_stopping.mode": "max", "early_stopping.patience": 100}
         )
 
+    @property
+    def fitting(self) -> bool:
+        """``fit``, or ``run=False`` (building a trainer to fit from Python)."""
+        return self.subcommand in ("fit", None)
+
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.project) / cfg.name
-        if self.subcommand == "fit":
+        if self.fitting:
             ckpt = cfg.get("ckpt_path")
-            if ckpt is None:
+            if ckpt is None and os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+                run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP worker process: rank 0's folder
+            elif ckpt is None and SLURMEnvironment.detect():
+                if not list(run_dir.glob("hpc_ckpt_*.ckpt")) and (run_dir / "weights" / "last.ckpt").is_file():
+                    log.info("SLURM job restarted: resuming %s from weights/last.ckpt", run_dir)
+                    cfg.ckpt_path = "last"
+            elif ckpt is None:
                 free = next_free_run_dir(run_dir)
                 if free != run_dir:
                     log.info("%s holds an earlier run; this run writes to %s", run_dir, free)
@@ -117,12 +141,14 @@ class CellSegCLI(LightningCLI):
             elif ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
                 raise UsageError(f"--ckpt_path: {ckpt} does not exist")
         self.run_dir = run_dir
+        if self.fitting:
+            os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpoint.dirpath = str(run_dir / "weights")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if self.subcommand == "fit":
+        if self.fitting:
             if trainer_cfg.get("logger") in (None, True):
                 kwargs["logger"] = TensorBoardLogger(str(self.run_dir), name="", version="", default_hp_metric=False)
             user_callbacks = trainer_cfg.get("callbacks") or []
@@ -136,3 +162,39 @@ class CellSegCLI(LightningCLI):
         elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False
         return super().instantiate_trainer(**kwargs)
+
+    def after_validate(self) -> None:
+        self._report("validation")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, what: str) -> None:
+        """Print the numbers biologists read and, with ``--report``, write every metric as JSON (rank 0)."""
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        lines = [f"{what} of {self.trainer.num_val_batches if what == 'validation' else self.trainer.num_test_batches} batches:"]
+        for label, key in REPORT_ROWS:
+            if key in metrics:
+                lines.append(f"  {label:<34} {metrics[key]:.4f}")
+        print("\n".join(lines))
+        path = self.config[self.subcommand].get("report")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+#: (label, metric key) printed after validate/test.
+REPORT_ROWS = (
+    ("mask mAP50", "metrics/mAP50(M)"),
+    ("mask mAP50-95", "metrics/mAP50-95(M)"),
+    ("mask precision @ pr_conf", "metrics/precision(M)"),
+    ("mask recall @ pr_conf", "metrics/recall(M)"),
+    ("F1 @ IoU 0.5", "metrics/F1(M)"),
+    ("AP_cell = TP/(TP+FP+FN) @ IoU 0.5", "metrics/AP_cell(M)"),
+    ("mean IoU of matched cells", "metrics/mean_matched_IoU(M)"),
+    ("counting error per image (cells)", "metrics/count_MAE"),
+    ("relative counting error", "metrics/count_MRE"),
+    ("box mAP50", "metrics/mAP50(B)"),
+)

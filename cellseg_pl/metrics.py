@@ -19,9 +19,26 @@ from torchmetrics.detection import MeanAveragePrecision
 MAX_DETECTIONS = [1, 10, 300]
 
 
+class MaskMeanAP(MeanAveragePrecision):
+    """torchmetrics' ``MeanAveragePrecision`` whose multi-process sync accepts uneven image counts per process.
+
+    The stock sync gathers its list states as padded tensors and fails (a collective size mismatch) when the
+    processes scored different numbers of images, which an unrepeated validation split produces. Here every
+    list state is gathered as Python objects, so 2 processes give exactly the single-process result.
+    """
+
+    def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 - torchmetrics' signature
+        world = torch.distributed.get_world_size(group=process_group)
+        for attr in self._reductions:
+            local = [x.cpu() if isinstance(x, torch.Tensor) else x for x in getattr(self, attr)]
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, local, group=process_group)
+            setattr(self, attr, [x for part in gathered for x in part])
+
+
 def mask_map_metric() -> MeanAveragePrecision:
     """COCO-style box and mask mAP (``faster_coco_eval`` backend; pycocotools mis-reports maxDets != 100)."""
-    return MeanAveragePrecision(
+    return MaskMeanAP(
         iou_type=("bbox", "segm"),
         max_detection_thresholds=MAX_DETECTIONS,
         backend="faster_coco_eval",

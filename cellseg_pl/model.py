@@ -109,6 +109,11 @@ def build_network(
                 f"{names}; fix dataset.yaml 'names' or pass --model.reinit_head true to train a new head"
             )
         if src_nc == num_classes:
+            src_names = {int(k): str(v) for k, v in dict(getattr(src, "names", None) or {}).items()}
+            if class_names and src_names and src_names != names:
+                # same count, other names (or order): output k now learns the data's class k
+                log.warning("--model.model: %s was trained on classes %s, the data names them %s; the data's "
+                            "names are used, index by index", model, src_names, names)
             net = src
         else:
             net = SegmentationModel(deepcopy(src.yaml), nc=num_classes, verbose=False)
@@ -120,8 +125,9 @@ def build_network(
     else:
         net = _from_yaml(model, num_classes)
     net = net.float()
-    for p in net.parameters():
-        p.requires_grad_(True)
+    for name, p in net.named_parameters():
+        # the distribution-focal-loss decoder is a fixed integral, never trained (Ultralytics freezes '.dfl')
+        p.requires_grad_(".dfl" not in name)
     net.names = dict(names)
     net.train()
     return net
@@ -162,9 +168,17 @@ def network_yaml(net: nn.Module) -> dict:
 
 
 def save_ultralytics_checkpoint(
-    net: nn.Module, path: str | Path, class_names: dict[int, str], train_args: dict[str, Any] | None = None
+    net: nn.Module,
+    path: str | Path,
+    class_names: dict[int, str],
+    train_args: dict[str, Any] | None = None,
+    half: bool = True,
 ) -> None:
-    """Write ``net`` as an Ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` loads (half precision, like theirs)."""
+    """Write ``net`` as an Ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` loads.
+
+    ``half`` stores float16 weights, as Ultralytics' own files do; ``half=False`` keeps float32, so the file
+    predicts exactly what the network did (Ultralytics casts to float32 when it loads either).
+    """
     import ultralytics
 
     model = deepcopy(net).float().cpu().eval()
@@ -182,7 +196,7 @@ def save_ultralytics_checkpoint(
         "license": "AGPL-3.0 License (https://ultralytics.com/license)",
         "epoch": -1,
         "best_fitness": None,
-        "model": model.half(),
+        "model": model.half() if half else model,
         "ema": None,
         "updates": None,
         "optimizer": None,
@@ -200,7 +214,9 @@ def load_weights(path: str | Path) -> tuple[nn.Module, dict[int, str], dict[str,
 
     Returns:
         ``(net, class_names, info)``: the network in float32 eval mode, index -> name, and ``info`` with
-        ``imgsz`` (training input size, when known) and ``source`` (``ckpt`` or ``pt``).
+        ``imgsz`` (training input size, when known), ``data`` (the training ``dataset.yaml``, when known),
+        ``hparams`` (the run's model and data settings, or the ``.pt``'s ``train_args``) and ``source``
+        (``ckpt`` or ``pt``).
     """
     path = Path(path)
     if not path.is_file():
@@ -218,13 +234,17 @@ def load_weights(path: str | Path) -> tuple[nn.Module, dict[int, str], dict[str,
         state = ckpt["state_dict"]
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
         net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        info = {"imgsz": (ckpt.get("datamodule_hyper_parameters") or {}).get("imgsz"), "source": "ckpt"}
+        data_hp = ckpt.get("datamodule_hyper_parameters") or {}
+        hparams = {k: v for k, v in {**hp, **data_hp}.items() if k not in ("model_yaml", "_instantiator")}
+        info = {"imgsz": data_hp.get("imgsz"), "data": data_hp.get("dataset"), "hparams": hparams, "source": "ckpt"}
     elif path.suffix == ".pt":
         ckpt = load_ultralytics_checkpoint(path)
         net = (ckpt.get("ema") or ckpt.get("model")).float()
         names = {int(k): str(v) for k, v in dict(getattr(net, "names", {}) or {}).items()}
         train_args = ckpt.get("train_args") or {}
-        info = {"imgsz": train_args.get("imgsz"), "source": "pt"}
+        info = {
+            "imgsz": train_args.get("imgsz"), "data": train_args.get("data"), "hparams": dict(train_args), "source": "pt"
+        }
     else:
         raise ModelError(f"{path}: expected a cellseg_pl .ckpt or an Ultralytics .pt")
     if not names:

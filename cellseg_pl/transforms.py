@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from typing import Any
 
-import albumentations as A
+# Albumentations asks PyPI for a newer version when imported (a network call, 2 s timeout); cellseg_pl runs
+# offline, so that check is switched off before the import (the one environment write at import, on purpose).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 
