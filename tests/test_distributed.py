@@ -213,3 +213,34 @@ def test_bf16_mixed_on_cpu_trains_without_nan(tiny_data, tmp_path):
     last = rows(tmp_path / "bf16" / "results.csv")[-1]
     for key in ("train/box_loss", "train/seg_loss", "train/cls_loss", "train/dfl_loss", "val/seg_loss"):
         assert float(last[key]) == float(last[key]) and abs(float(last[key])) < 1e4, key  # finite
+
+
+def test_sbatch_script_runs_a_valid_fit_command(tiny_data, tmp_path, capsys):
+    """Run scripts/slurm/train.sbatch with a fake srun and check the fit command it builds parses."""
+    from cellseg_pl.__main__ import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/srun_args\n")
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    env = {**os.environ, **slurm_env(ntasks=8, procid=0, localid=0, nodeid=0), "SLURM_NTASKS_PER_NODE": "4",
+           "SLURM_CPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = REPO / "scripts" / "slurm" / "train.sbatch"
+    text = script.read_text()
+    for directive in ("--signal=SIGUSR1@90", "--requeue", "--ntasks-per-node", "--nodes"):
+        assert f"#SBATCH {directive}" in text
+    done = subprocess.run(["bash", str(script), str(REPO / "configs" / "demo.yaml"), "--data.dataset", str(tiny_data)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "srun_args").read_text().split("\n")[:-1]
+    assert args[:4] == ["--kill-on-bad-exit=1", "python", "-m", "cellseg_pl"]
+    fit = args[4:]
+    assert fit[fit.index("--trainer.devices") + 1] == "4" and fit[fit.index("--trainer.num_nodes") + 1] == "2"
+    assert fit[fit.index("--name") + 1] == "cellseg_4242"  # stable across requeues of the job
+    fit[fit.index("--trainer.accelerator") + 1] = "cpu"  # no GPU here: parse the rest as is
+    with pytest.raises(SystemExit) as exit_info:
+        main([*fit, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "num_nodes: 2" in capsys.readouterr().out
