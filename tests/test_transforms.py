@@ -1,0 +1,146 @@
+"""Augmentations move masks with the image: affine, flips, mosaic, copy-paste; close_mosaic; determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import cv2
+
+from cellseg_pl.dataset import finalize
+from cellseg_pl.transforms import TrainTransform
+
+SIZE = 128
+
+
+class ColourCells:
+    """A fake data set: image i holds disks whose colour encodes (image, instance) and whose class is i % 2."""
+
+    def __init__(self, n: int = 4, cells: int = 5) -> None:
+        self.samples = []
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+            inst = np.zeros((SIZE, SIZE), np.uint16)
+            for k in range(cells):
+                cx, cy = 14 + 24 * k, int(rng.integers(20, SIZE - 20))
+                cv2.circle(inst, (cx, cy), 9, k + 1, -1)
+                image[inst == k + 1] = self.colour(i, k + 1)
+            self.samples.append({"image": image, "instances": inst, "classes": np.full(cells, i % 2),
+                                 "ori_shape": (SIZE, SIZE), "im_file": f"img{i}.png", "ratio_pad": (1.0, (0, 0))})
+
+    @staticmethod
+    def colour(i: int, k: int) -> tuple[int, int, int]:
+        return (40 * i + 20, 30 * k + 20, 200 - 30 * i)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> dict:
+        return {key: (v.copy() if isinstance(v, np.ndarray) else v) for key, v in self.samples[i].items()}
+
+
+def plain(**kw) -> TrainTransform:
+    base = dict(imgsz=SIZE, degrees=0.0, translate=0.0, scale=0.0, flipud=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0,
+                hsv_v=0.0, mosaic=0.0)
+    return TrainTransform(**{**base, **kw})
+
+
+def owner_colours(sample: dict) -> dict[int, np.ndarray]:
+    """Median colour of each instance's eroded mask (interior pixels keep their colour under interpolation)."""
+    out = {}
+    for k in np.unique(sample["instances"]):
+        if k == 0:
+            continue
+        m = cv2.erode((sample["instances"] == k).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        if m.sum() >= 5:
+            out[int(k)] = np.median(sample["image"][m], axis=0)
+    return out
+
+
+def known_colours(ds: ColourCells) -> set[tuple[int, int, int]]:
+    return {ds.colour(i, k) for i in range(len(ds)) for k in range(1, 6)}
+
+
+def assert_masks_follow_pixels(sample: dict, ds: ColourCells) -> None:
+    colours = owner_colours(sample)
+    assert colours, "no instance survived"
+    palette = np.array(sorted(known_colours(ds)), float)
+    for k, c in colours.items():
+        nearest = palette[np.argmin(np.abs(palette - c).sum(1))]
+        assert np.abs(nearest - c).max() <= 6, (k, c)  # the mask sits on that cell's pixels
+        image_idx = int(round((nearest[0] - 20) / 40))
+        assert sample["classes"][k - 1] == image_idx % 2  # and keeps its class
+
+
+@pytest.mark.parametrize("kw", [dict(degrees=180.0, scale=0.5, translate=0.1), dict(flipud=1.0, fliplr=1.0),
+                                dict(degrees=45.0, shear=10.0)])
+def test_geometric_transforms_move_masks_with_pixels(kw):
+    ds = ColourCells()
+    tf = plain(**kw)
+    for idx in range(4):
+        rng = np.random.default_rng([1, 0, idx])
+        out = tf(ds.load(idx), ds, rng)
+        assert out["image"].shape == (SIZE, SIZE, 3) and out["instances"].shape == (SIZE, SIZE)
+        assert_masks_follow_pixels(out, ds)
+
+
+def test_boxes_are_recomputed_from_transformed_masks():
+    ds = ColourCells()
+    out = finalize({**plain(degrees=90.0, scale=0.3)(ds.load(0), ds, np.random.default_rng(3))})
+    inst = out["instances"].numpy()
+    for k, (x, y, w, h) in enumerate(out["bboxes"].numpy() * SIZE, start=1):
+        ys, xs = np.nonzero(inst == k)
+        assert abs(x - w / 2 - xs.min()) < 1e-3 and abs(x + w / 2 - xs.max() - 1) < 1e-3
+        assert abs(y - h / 2 - ys.min()) < 1e-3 and abs(y + h / 2 - ys.max() - 1) < 1e-3
+
+
+def test_mosaic_combines_four_images_with_unique_ids_and_right_classes():
+    ds = ColourCells()
+    tf = plain(mosaic=1.0)
+    seen_images = set()
+    for idx in range(4):
+        out = tf(ds.load(idx), ds, np.random.default_rng([2, 0, idx]))
+        assert_masks_follow_pixels(out, ds)
+        palette = np.array(sorted(known_colours(ds)), float)
+        for c in owner_colours(out).values():
+            seen_images.add(int(round((palette[np.argmin(np.abs(palette - c).sum(1))][0] - 20) / 40)))
+    assert len(seen_images) >= 3  # tiles really come from other images
+
+
+def test_copy_paste_adds_cells_from_other_images_into_free_space():
+    ds = ColourCells()
+    tf = plain(copy_paste=1.0)
+    grew = 0
+    for idx in range(4):
+        original = ds.load(idx)
+        out = tf(ds.load(idx), ds, np.random.default_rng([3, 0, idx]))
+        assert_masks_follow_pixels(out, ds)
+        before = len(np.unique(original["instances"])) - 1
+        after = len(np.unique(out["instances"])) - 1
+        grew += after > before
+        # original cells are untouched: pasting never covers an existing cell
+        for k in range(1, before + 1):
+            assert np.array_equal(out["instances"] == k, original["instances"] == k)
+    assert grew >= 3
+
+
+def test_close_mosaic_switches_mosaic_off_for_the_last_epochs(tiny_data):
+    from cellseg_pl.datamodule import CellSegDataModule
+
+    dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, mosaic=1.0, close_mosaic=3)
+    dm.set_epoch(6, max_epochs=10)
+    assert dm.train_transform.mosaic_enabled
+    dm.set_epoch(7, max_epochs=10)
+    assert not dm.train_transform.mosaic_enabled
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_data):
+    from cellseg_pl.datamodule import CellSegDataModule
+
+    dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, degrees=180.0, mosaic=1.0)
+    ds = dm._dataset("train", train=True)
+    a, b = ds[3], ds[3]
+    assert (a["img"] == b["img"]).all() and (a["instances"] == b["instances"]).all()
+    dm.set_epoch(1, max_epochs=100)
+    c = ds[3]
+    assert not (a["img"] == c["img"]).all()
