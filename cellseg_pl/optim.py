@@ -170,7 +170,18 @@ class EMA(nn.Module):
         """One EMA step from the current weights of ``model`` (call after each optimizer step)."""
         self.updates += 1
         d = self.decay * (1 - math.exp(-int(self.updates) / self.tau))
-        msd = model.state_dict()
-        for k, v in self.module.state_dict().items():
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach().to(v.dtype), alpha=1 - d)
+        ema_v, model_v = self._pairs(model)
+        if ema_v:  # ema = d * ema + (1 - d) * model, fused over all tensors
+            torch._foreach_lerp_(ema_v, model_v, 1 - d)
+
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Floating-point (EMA, model) tensor pairs; rebuilt only when a tensor moved (e.g. to another device)."""
+        cached = getattr(self, "_cache", None)
+        first = next(model.parameters())
+        if cached is None or cached[2] != (first.data_ptr(), next(self.module.parameters()).data_ptr()):
+            msd = model.state_dict()
+            pairs = [(v, msd[k].detach()) for k, v in self.module.state_dict().items() if v.dtype.is_floating_point]
+            ema_v, model_v = [e for e, _ in pairs], [m for _, m in pairs]
+            self._cache = (ema_v, model_v, (first.data_ptr(), next(self.module.parameters()).data_ptr()))
+            cached = self._cache
+        return cached[0], cached[1]
