@@ -13,6 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from cellseg_pl.dataset import IMAGE_SUFFIXES, Collate, DatasetError, YoloSegDataset, load_dataset_yaml
+from cellseg_pl.scan import ScanResult, scan_split, shared_images
 from cellseg_pl.transforms import TrainTransform, ValTransform
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class CellSegDataModule(L.LightningDataModule):
         )
         # Shared memory: persistent loader workers read the current epoch from it (augmentation seeds).
         self._epoch = multiprocessing.Value("i", 0, lock=False)
+        self._scans: dict[str, ScanResult] = {}
 
     @property
     def num_classes(self) -> int:
@@ -131,11 +133,39 @@ class CellSegDataModule(L.LightningDataModule):
             log.info("epoch %d: mosaic %s", epoch, "on" if enabled else "off (close_mosaic)")
         self.train_transform.mosaic_enabled = enabled
 
+    def setup(self, stage: str) -> None:
+        """Scan the splits the stage reads, once and before the first step (:mod:`cellseg_pl.scan`).
+
+        Bad images and label lines are skipped and counted in one logged summary per split; a fatal problem (a
+        class index beyond ``names``, unreadable files, ...) raises :class:`DatasetError` naming the file and line.
+        """
+        test = "test" if self.spec.splits.get("test") else "val"
+        for split in {"fit": ("train", "val"), "validate": ("val",), "test": (test,)}.get(stage, ()):
+            self._usable(split)
+        if "train" in self._scans and "val" in self._scans:
+            shared = shared_images(self._scans["train"], self._scans["val"])
+            if shared and self._is_global_zero():
+                log.warning(
+                    "%d val image(s) also in train (same bytes), e.g. %s = %s: validation metrics overestimate",
+                    len(shared), *shared[0],
+                )
+
+    def _is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+    def _usable(self, split: str) -> list[Path]:
+        """The split's images that passed the scan (scanned on first use)."""
+        if split not in self._scans:
+            self._scans[split] = scan_split(
+                self.spec.splits[split], self.num_classes, split, self.spec.root, log_summary=self._is_global_zero()
+            )
+        return self._scans[split].images
+
     def _dataset(self, split: str, train: bool) -> YoloSegDataset:
         transform = self.train_transform if train else ValTransform(self.hparams.imgsz)
         return YoloSegDataset(
-            self.spec.splits[split], self.num_classes, self.hparams.imgsz, transform, seed=global_seed(),
-            epoch=self._epoch,
+            self._usable(split), self.num_classes, self.hparams.imgsz, transform, seed=global_seed(),
+            epoch=self._epoch, skip_unreadable=True,
         )
 
     def _sampler(self, dataset: YoloSegDataset, train: bool) -> Sampler | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import cv2
 import numpy as np
@@ -146,9 +146,23 @@ def read_image(path: Path) -> np.ndarray:
     """Read an image as uint8 RGB HxWx3; 16-bit is scaled to 8-bit, gray and RGBA are converted.
 
     Raises:
-        DatasetError: the file cannot be decoded.
+        DatasetError: the file cannot be read or decoded.
     """
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        message = f"{path}: cannot read the image ({e.strerror or e}); check that it exists and is readable"
+        raise DatasetError(message) from None
+    return decode_image(data, path)
+
+
+def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:
+    """Decode an image file's bytes as :func:`read_image` does (``path`` only names the file in errors).
+
+    Raises:
+        DatasetError: the bytes are not a decodable image.
+    """
+    data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     # ANYDEPTH|ANYCOLOR keeps 16-bit and gray but, unlike IMREAD_UNCHANGED, applies the EXIF orientation as
     # cv2.imread (Ultralytics) and the CVAT converter do, so labels and pixels stay aligned for rotated JPEGs
     img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
@@ -167,38 +181,90 @@ def read_image(path: Path) -> np.ndarray:
     return img
 
 
+#: Why :func:`parse_label_line` drops a line (the keys of ``read_label``'s ``skipped`` counts).
+NOT_A_NUMBER = "not a number"
+UNKNOWN_CLASS = "unknown class index"
+ODD_COUNT = "odd number of coordinates"
+TOO_FEW_POINTS = "fewer than 3 points"
+
+
+class LabelLine(NamedTuple):
+    """One parsed label line.
+
+    Attributes:
+        cls: class index as written (``nan`` when not a number).
+        polygon: (k, 2) float32 normalized xy, clipped to [0, 1]; None when the line is dropped.
+        problem: None for a usable line, else why it is dropped (``NOT_A_NUMBER``, ``UNKNOWN_CLASS``, ...).
+        outside: how far the furthest coordinate lies outside [0, 1] before clipping (0 inside).
+    """
+
+    cls: float
+    polygon: np.ndarray | None
+    problem: str | None
+    outside: float
+
+
+def parse_label_line(line: str, num_classes: int) -> LabelLine | None:
+    """Parse one YOLO-seg label line ``class x1 y1 x2 y2 ...`` (normalized); None for a blank line.
+
+    The one place that decides which lines are usable: :func:`read_label` (training) and
+    :mod:`cellseg_pl.scan` (the check before training) both call it. A class must be an integer in
+    ``0..num_classes-1``; NaN/Inf coordinates count as not a number.
+    """
+    values = line.split()
+    if not values:
+        return None
+    try:
+        cls = float(values[0])
+        coords = np.asarray(values[1:], dtype=np.float64)
+    except ValueError:
+        return LabelLine(float("nan"), None, NOT_A_NUMBER, 0.0)
+    if not np.isfinite(cls) or not np.isfinite(coords).all():
+        return LabelLine(cls, None, NOT_A_NUMBER, 0.0)
+    if cls != int(cls) or not 0 <= cls < num_classes:
+        return LabelLine(cls, None, UNKNOWN_CLASS, 0.0)
+    if coords.size % 2:
+        return LabelLine(cls, None, ODD_COUNT, 0.0)
+    if coords.size < 6:
+        return LabelLine(cls, None, TOO_FEW_POINTS, 0.0)
+    outside = max(0.0, -float(coords.min()), float(coords.max()) - 1.0)
+    return LabelLine(cls, coords.reshape(-1, 2).clip(0.0, 1.0).astype(np.float32), None, outside)
+
+
+def read_label_text(path: Path) -> str | None:
+    """The text of a label file, None when it does not exist (a background image).
+
+    Undecodable bytes become U+FFFD, so such lines are dropped as not a number instead of failing.
+    """
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+
+
 def read_label(path: Path, num_classes: int) -> tuple[np.ndarray, list[np.ndarray], dict[str, int]]:
     """Parse a YOLO-seg label file.
 
     Returns:
-        ``(classes, polygons, skipped)``: classes (n,) int64; one (k, 2) float32 normalized polygon per instance;
-        ``skipped`` counts lines dropped by reason. A missing file means a background image.
+        ``(classes, polygons, skipped)``: classes (n,) int64; one (k, 2) float32 normalized polygon per instance
+        (coordinates clipped to [0, 1]); ``skipped`` counts lines dropped by reason (see
+        :func:`parse_label_line`). A missing file means a background image.
     """
     skipped: dict[str, int] = {}
     classes, polygons = [], []
-    if not path.is_file():
-        return np.zeros(0, np.int64), [], skipped
-    for line in path.read_text().splitlines():
-        values = line.split()
-        if not values:
+    try:
+        text = read_label_text(path)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the label file ({e.strerror or e}); check its permissions") from None
+    for line in (text or "").splitlines():
+        parsed = parse_label_line(line, num_classes)
+        if parsed is None:
             continue
-        try:
-            cls = int(float(values[0]))
-            coords = np.asarray(values[1:], dtype=np.float32)
-        except ValueError:
-            skipped["not a number"] = skipped.get("not a number", 0) + 1
+        if parsed.problem is not None:
+            skipped[parsed.problem] = skipped.get(parsed.problem, 0) + 1
             continue
-        if not 0 <= cls < num_classes:
-            skipped["unknown class index"] = skipped.get("unknown class index", 0) + 1
-            continue
-        if coords.size % 2:
-            skipped["odd number of coordinates"] = skipped.get("odd number of coordinates", 0) + 1
-            continue
-        if coords.size < 6:
-            skipped["fewer than 3 points"] = skipped.get("fewer than 3 points", 0) + 1
-            continue
-        classes.append(cls)
-        polygons.append(coords.reshape(-1, 2).clip(0.0, 1.0))
+        classes.append(int(parsed.cls))
+        polygons.append(parsed.polygon)
     return np.asarray(classes, np.int64), polygons, skipped
 
 
@@ -262,6 +328,9 @@ class YoloSegDataset(torch.utils.data.Dataset):
             :mod:`cellseg_pl.transforms`); ``None`` letterboxes only.
         seed: base seed of the augmentation randomness.
         epoch: shared integer (``multiprocessing.Value``) holding the current epoch, or None for epoch 0.
+        skip_unreadable: an image that cannot be read or decoded any more (the files were checked by
+            :func:`cellseg_pl.scan.scan_split` before training, so it changed since) is replaced by the next image
+            of the list, with a warning naming it, instead of stopping the run with a :class:`DatasetError`.
 
     Randomness is a pure function of ``(seed, epoch, index)``: a sample is augmented the same way whichever worker
     loads it, and a run resumed at an epoch boundary sees exactly the samples an uninterrupted run would.
@@ -275,6 +344,7 @@ class YoloSegDataset(torch.utils.data.Dataset):
         transform: Callable[[dict, "YoloSegDataset", np.random.Generator], dict] | None = None,
         seed: int = 0,
         epoch: Any = None,
+        skip_unreadable: bool = False,
     ) -> None:
         self.images = [Path(p) for p in images]
         self.num_classes = num_classes
@@ -282,6 +352,7 @@ class YoloSegDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = epoch
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.images)
@@ -293,15 +364,24 @@ class YoloSegDataset(torch.utils.data.Dataset):
             dict with ``image`` (h, w, 3) uint8 RGB, ``instances`` (h, w) uint16 map, ``classes`` (n,) int64 where
             ``classes[k]`` is the class of map value k+1, ``ori_shape`` (h0, w0) and ``im_file``.
         """
-        path = self.images[index]
-        image = read_image(path)
+        attempts = len(self.images) if self.skip_unreadable else 1
+        for step in range(attempts):
+            path = self.images[(index + step) % len(self.images)]
+            try:
+                image = read_image(path)
+                classes, polygons, _ = read_label(label_path_for(path), self.num_classes)
+                break
+            except DatasetError as e:
+                if step == attempts - 1:
+                    raise
+                # the scan before training found this file usable: it changed since; keep the run going
+                log.warning("%s (it changed since the scan before training); using the next image instead", e)
         h0, w0 = image.shape[:2]
         gain = self.imgsz / max(h0, w0)
         if gain != 1:
             interp = cv2.INTER_LINEAR if gain > 1 else cv2.INTER_AREA
             image = cv2.resize(image, (max(1, round(w0 * gain)), max(1, round(h0 * gain))), interpolation=interp)
         h, w = image.shape[:2]
-        classes, polygons, _ = read_label(label_path_for(path), self.num_classes)
         instances, order = rasterize(polygons, h, w)
         return {
             "image": image,

@@ -1,0 +1,103 @@
+"""The door to Ultralytics: the chunked mask loss gives Ultralytics' loss and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg_pl.dataset import Collate, YoloSegDataset, load_dataset_yaml
+from cellseg_pl.model import CroppedMaskLoss, attach_loss, build_network
+from cellseg_pl.transforms import ValTransform
+
+
+def dense_batch(tmp_path, n_cells: int = 60, size: int = 128, images: int = 2) -> list[dict]:
+    """Samples of ``images`` images with ``n_cells`` small round cells each, through the training data path."""
+    import cv2
+
+    from cellseg_pl.demo import write_yolo_label
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    paths = []
+    for k in range(images):
+        img = np.full((size, size, 3), 90, np.uint8)
+        grid = [(x, y) for y in range(6, size - 6, 13) for x in range(6, size - 6, 13)]
+        polys = []
+        for j in rng.choice(len(grid), n_cells, replace=False):
+            cx, cy = grid[j] + rng.uniform(-1, 1, 2)
+            r = rng.uniform(3, 5.5)
+            t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+            poly = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+            cv2.fillPoly(img, [poly.round().astype(np.int32)], (200, 180, 170))
+            polys.append(poly)
+        cv2.imwrite(str(tmp_path / "images" / f"{k}.png"), img)
+        write_yolo_label(tmp_path / "labels" / f"{k}.txt", polys, size, size)
+        paths.append(tmp_path / "images" / f"{k}.png")
+    ds = YoloSegDataset(paths, 1, imgsz=size, transform=ValTransform(size))
+    return [ds[i] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_chunked_mask_loss_equals_ultralytics(tmp_path, monkeypatch, overlap):
+    monkeypatch.setattr(CroppedMaskLoss, "CHUNK_ELEMENTS", 1 << 13)  # many chunks even at 128 px
+    torch.manual_seed(0)
+    net = build_network("yolov8n-seg.yaml", 1)
+    batch = Collate(4, overlap_mask=overlap)(dense_batch(tmp_path))
+    batch["img"] = batch["img"].float() / 255
+    preds = net(batch["img"])
+    results = {}
+    for chunked in (False, True):
+        criterion = attach_loss(net, overlap_mask=overlap, chunked_mask_loss=chunked)
+        loss, parts = criterion(preds, batch)
+        grads = torch.autograd.grad(loss, [preds["mask_coefficient"], preds["proto"]], retain_graph=True)
+        results[chunked] = (loss.detach(), parts, grads)
+    (loss_u, parts_u, grads_u), (loss_c, parts_c, grads_c) = results[False], results[True]
+    assert parts_u["seg_loss"] > 0
+    torch.testing.assert_close(loss_c, loss_u, rtol=1e-5, atol=0)
+    for key in parts_u:
+        torch.testing.assert_close(parts_c[key], parts_u[key], rtol=1e-5, atol=0)
+    for gc, gu in zip(grads_c, grads_u):
+        assert gu.abs().max() > 0
+        torch.testing.assert_close(gc, gu, rtol=1e-5, atol=1e-6 * float(gu.abs().max()))
+
+
+def test_chunked_mask_loss_without_grad_and_without_cells(tmp_path):
+    torch.manual_seed(0)
+    net = build_network("yolov8n-seg.yaml", 1)
+    samples = dense_batch(tmp_path, n_cells=12, size=64)
+    criterion = attach_loss(net, chunked_mask_loss=True)
+    reference = attach_loss(net, chunked_mask_loss=False)
+    batch = Collate(4)(samples)
+    batch["img"] = batch["img"].float() / 255
+    with torch.no_grad():  # validation: the same value, no gradient work
+        preds = net(batch["img"])
+        torch.testing.assert_close(criterion(preds, batch)[0], reference(preds, batch)[0], rtol=1e-5, atol=0)
+    empty = Collate(4)([{**s, "cls": s["cls"][:0], "bboxes": s["bboxes"][:0], "instances": s["instances"] * 0}
+                        for s in samples])
+    empty["img"] = empty["img"].float() / 255
+    preds = net(empty["img"])
+    loss, parts = criterion(preds, empty)
+    loss.backward()  # background-only batch: a zero mask loss that still reaches every output
+    assert parts["seg_loss"] == 0
+
+
+def test_chunked_mask_loss_under_autocast(tmp_path):
+    """Mixed precision: the chunked loss computes in float32 and returns gradients in the inputs' dtype."""
+    torch.manual_seed(0)
+    net = build_network("yolov8n-seg.yaml", 1)
+    batch = Collate(4)(dense_batch(tmp_path, n_cells=30))
+    batch["img"] = batch["img"].float() / 255
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        preds = net(batch["img"])
+        inputs = [preds["mask_coefficient"], preds["proto"]]
+        out = []
+        for chunked in (False, True):
+            loss, parts = attach_loss(net, chunked_mask_loss=chunked)(preds, batch)
+            out.append((parts["seg_loss"], torch.autograd.grad(loss, inputs, retain_graph=True)))
+    (seg_u, grads_u), (seg_c, grads_c) = out
+    torch.testing.assert_close(seg_c, seg_u, rtol=1e-3, atol=0)  # Ultralytics' einsum runs in bfloat16 here
+    for gc, gu, x in zip(grads_c, grads_u, inputs):
+        assert gc.dtype == x.dtype == torch.bfloat16
+        assert float((gc.float() - gu.float()).abs().max()) < 0.02 * float(gu.float().abs().max())
