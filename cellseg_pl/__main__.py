@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         lambda argv: __import__("cellseg_pl.export", fromlist=["main"]).main(argv),  # imported only when run
         "trained run (.ckpt) -> Ultralytics .pt model file (never replaces an existing file)",
     ),
+    "select": (
+        lambda argv: __import__("cellseg_pl.select", fromlist=["main"]).main(argv),  # imported only when run
+        "active learning: rank unlabelled images by model uncertainty, list/copy/pre-annotate the k most uncertain",
+    ),
     "predict": (
         lambda argv: __import__("cellseg_pl.predict", fromlist=["main"]).main(argv),  # imported only when run
         "with --images DIR: weights + images -> COCO 1.0 JSON for CVAT (predict --images DIR --help);\n"

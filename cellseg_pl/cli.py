@@ -4,6 +4,7 @@ A ``fit`` writes everything under ``<project>/<name>/`` (default ``checkpoints/t
 
     config.yaml            the full resolved configuration (re-run with --config)
     results.csv            one row per epoch, Ultralytics' column names
+    results.png            its curves; val_pred.png, val_pred_epoch{N}.png: validation outlines (cellseg_pl.plots)
     hparams.yaml, events.* TensorBoard logs
     weights/last.ckpt      every epoch (resume with --ckpt_path last)
     weights/best.ckpt      best validation mask fitness (0.1 mAP50(M) + 0.9 mAP50-95(M))
@@ -33,6 +34,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from cellseg_pl.callbacks import CloseMosaic, ResultsCSV, RunCheckpoint
 from cellseg_pl.datamodule import CellSegDataModule
 from cellseg_pl.module import CellSegModule
+from cellseg_pl.plots import ValidationPictures
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ class CellSegCLI(LightningCLI):
             kwargs["callbacks"] = [
                 *user_callbacks,
                 ResultsCSV(self.run_dir / "results.csv"),
+                ValidationPictures(self.run_dir),  # after ResultsCSV: redraws results.png from the row just written
                 CloseMosaic(),
             ]
         elif trainer_cfg.get("logger") in (None, True):
@@ -196,5 +199,6 @@ REPORT_ROWS = (
     ("mean IoU of matched cells", "metrics/mean_matched_IoU(M)"),
     ("counting error per image (cells)", "metrics/count_MAE"),
     ("relative counting error", "metrics/count_MRE"),
+    ("false positives of droplet size", "metrics/FP_droplet_sized"),
     ("box mAP50", "metrics/mAP50(B)"),
 )

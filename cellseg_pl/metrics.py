@@ -55,6 +55,23 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1)
 
 
+def matched_pairs(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.Tensor,
+                  gt_labels: torch.Tensor, iou_threshold: float = 0.5) -> tuple[list[int], list[int], list[float]]:
+    """One-to-one (Hungarian) matching of predicted to true instances of the same class.
+
+    Returns:
+        ``(predicted indices, true indices, IoUs)`` of the pairs whose IoU reaches ``iou_threshold``.
+    """
+    iou = mask_iou(pred_masks, gt_masks)
+    if not iou.numel():
+        return [], [], []
+    iou = iou * (pred_labels[:, None] == gt_labels[None, :])
+    rows, cols = linear_sum_assignment(-iou.cpu().numpy())
+    matched = iou[rows, cols].cpu().numpy()
+    good = matched >= iou_threshold
+    return rows[good].tolist(), cols[good].tolist(), matched[good].tolist()
+
+
 def match(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.Tensor, gt_labels: torch.Tensor,
           iou_threshold: float = 0.5) -> tuple[int, int, int, float]:
     """One-to-one (Hungarian) matching of predicted to true instances of the same class.
@@ -62,42 +79,57 @@ def match(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.T
     Returns:
         ``(tp, fp, fn, sum of IoU over matched pairs)``.
     """
-    iou = mask_iou(pred_masks, gt_masks)
-    if iou.numel():
-        iou = iou * (pred_labels[:, None] == gt_labels[None, :])
-        rows, cols = linear_sum_assignment(-iou.cpu().numpy())
-        matched = iou[rows, cols].cpu().numpy()
-        good = matched >= iou_threshold
-        tp, iou_sum = int(good.sum()), float(matched[good].sum())
-    else:
-        tp, iou_sum = 0, 0.0
-    return tp, len(pred_masks) - tp, len(gt_masks) - tp, iou_sum
+    rows, _, ious = matched_pairs(pred_masks, pred_labels, gt_masks, gt_labels, iou_threshold)
+    tp = len(rows)
+    return tp, len(pred_masks) - tp, len(gt_masks) - tp, float(sum(ious))
 
 
 class CellMatchMetrics(Metric):
     """Precision, recall, F1 and the cell papers' "AP" = TP / (TP + FP + FN) at one IoU, above one confidence.
 
-    Also the mean IoU of matched cells and the per-image counting error (predicted minus true count).
+    Also the mean IoU of matched cells, the per-image counting error (predicted minus true count) and the number
+    of false positives of droplet size (area below ``min_area``: the lab's main false positive, water droplets).
 
     Args:
         conf: predictions scoring below this are ignored (the operating point a biologist would use).
         iou_threshold: IoU a predicted cell needs with its matched true cell to count as found.
+        min_area: an unmatched prediction smaller than this (px of the original image) is a droplet-sized false
+            positive (the guide's rule: under 500 px is a water droplet).
     """
 
     full_state_update = False
 
-    def __init__(self, conf: float = 0.25, iou_threshold: float = 0.5) -> None:
+    def __init__(self, conf: float = 0.25, iou_threshold: float = 0.5, min_area: float = 500.0) -> None:
         super().__init__()
-        self.conf, self.iou_threshold = conf, iou_threshold
-        for name in ("tp", "fp", "fn", "iou_sum", "abs_count_err", "rel_count_err", "images"):
+        self.conf, self.iou_threshold, self.min_area = conf, iou_threshold, min_area
+        for name in ("tp", "fp", "fn", "iou_sum", "abs_count_err", "rel_count_err", "images", "fp_small"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
-        for pred, target in zip(preds, targets):
+    def update(
+        self,
+        preds: list[dict[str, torch.Tensor]],
+        targets: list[dict[str, torch.Tensor]],
+        area_scale: list[float] | None = None,
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            preds, targets: per image, as in the module docstring.
+            area_scale: per image, mask px per original-image px (the letterbox gain squared; ``ratio_pad[0] ** 2``
+                of the batch) when masks are not at the original resolution; default 1.
+        """
+        for i, (pred, target) in enumerate(zip(preds, targets)):
             keep = pred["scores"] >= self.conf
-            tp, fp, fn, iou_sum = match(
-                pred["masks"][keep], pred["labels"][keep], target["masks"], target["labels"], self.iou_threshold
+            masks = pred["masks"][keep]
+            rows, _, ious = matched_pairs(
+                masks, pred["labels"][keep], target["masks"], target["labels"], self.iou_threshold
             )
+            tp, iou_sum = len(rows), float(sum(ious))
+            fp, fn = len(masks) - tp, len(target["masks"]) - tp
+            unmatched = torch.ones(len(masks), dtype=torch.bool, device=masks.device)
+            unmatched[rows] = False
+            scale = area_scale[i] if area_scale is not None else 1.0
+            self.fp_small += int((masks[unmatched].flatten(1).sum(1) < self.min_area * scale).sum())
             self.tp += tp
             self.fp += fp
             self.fn += fn
@@ -124,6 +156,7 @@ class CellMatchMetrics(Metric):
             "tp": tp.float(),
             "fp": fp.float(),
             "fn": fn.float(),
+            "fp_droplet_sized": self.fp_small.float(),
         }
 
 

@@ -62,6 +62,8 @@ class CellSegModule(L.LightningModule):
         iou: NMS IoU threshold.
         max_det: maximum detections per image (>= 300 for dense cell images).
         pr_conf: confidence at which precision, recall and F1 are reported.
+        min_area: a false positive smaller than this (px of the original image) is counted in
+            ``metrics/FP_droplet_sized`` (the guide's water-droplet rule: 500 px).
         predict_conf: confidence threshold of the ``predict`` sub-command.
         max_nonfinite: a NaN/Inf loss or gradient skips its step with a warning; this many in a row stop training.
         model_yaml: network definition stored in checkpoints so they reload without the original ``.pt``;
@@ -96,6 +98,7 @@ class CellSegModule(L.LightningModule):
         iou: float = 0.7,
         max_det: int = 300,
         pr_conf: float = 0.25,
+        min_area: float = 500.0,
         predict_conf: float = 0.25,
         max_nonfinite: int = 5,
         model_yaml: dict | None = None,
@@ -109,7 +112,7 @@ class CellSegModule(L.LightningModule):
         self.hparams["class_names"] = dict(self.net.names)
         self.ema = EMA(self.net, ema_decay, ema_tau) if ema else None
         self.val_map = mask_map_metric()
-        self.val_match = CellMatchMetrics(conf=pr_conf)
+        self.val_match = CellMatchMetrics(conf=pr_conf, min_area=min_area)
         self._criterion = None
         self._criterion_device: torch.device | None = None
         self._last_opt_step = -1
@@ -230,7 +233,8 @@ class CellSegModule(L.LightningModule):
         self._last_opt_step = checkpoint.get("cellseg_last_opt_step", -1)
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], prefix: str) -> dict[str, list]:
+        """Loss and metrics of one batch; returns its ``preds`` and ``targets`` (network-input px) for callbacks."""
         h = self.hparams
         det, proto, raw = split_outputs(self.eval_net(batch["img"]))
         _, parts = self.criterion(raw, batch)
@@ -242,7 +246,9 @@ class CellSegModule(L.LightningModule):
             [{k: p[k] for k in ("boxes", "scores", "labels", "masks")} for p in preds],
             [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets],
         )
-        self.val_match.update(preds, targets)
+        # masks are at network-input scale: droplet areas (original px) scale by the letterbox gain squared
+        self.val_match.update(preds, targets, [gain**2 for gain, _ in batch["ratio_pad"]])
+        return {"preds": preds, "targets": targets}
 
     def _log_metrics(self) -> None:
         m = self.val_map.compute()
@@ -261,14 +267,15 @@ class CellSegModule(L.LightningModule):
             "metrics/mean_matched_IoU(M)": c["mean_matched_iou"],
             "metrics/count_MAE": c["count_mae"],
             "metrics/count_MRE": c["count_mre"],
+            "metrics/FP_droplet_sized": c["fp_droplet_sized"],
         }
         values = {k: v.float().clamp(min=0) for k, v in values.items()}
         values["fitness"] = mask_fitness(values["metrics/mAP50(M)"], values["metrics/mAP50-95(M)"])
         self.log_dict(values)
         self.log("mAP50(M)", values["metrics/mAP50(M)"], prog_bar=True, logger=False)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list]:
+        return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics()

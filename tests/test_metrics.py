@@ -74,3 +74,58 @@ def test_mask_iou_matrix():
     a = torch.stack([disk(10, 10, 5), disk(40, 40, 5)])
     iou = mask_iou(a, a[[1]])
     assert iou.shape == (2, 1) and iou[0, 0] == 0 and iou[1, 0] == 1
+
+
+# ---------------------------------------------------------------------------------------------- cell metrics
+
+
+def cell_metrics(pred_masks: list[torch.Tensor], gt_masks: list[torch.Tensor], **kwargs) -> dict[str, float]:
+    """CellMatchMetrics of one image whose predictions all score 0.9."""
+    metric = CellMatchMetrics(**{"min_area": 0.0, **kwargs.pop("init", {})})
+    pred = as_pred(target_of(pred_masks), [0.9] * len(pred_masks))
+    metric.update([pred], [target_of(gt_masks)], **kwargs)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+CELLS = [disk(12, 12, 7), disk(45, 15, 8), disk(20, 45, 9)]
+
+
+def test_cell_metrics_perfect_match():
+    c = cell_metrics(CELLS, CELLS)
+    assert (c["tp"], c["fp"], c["fn"]) == (3, 0, 0)
+    assert c["f1"] == c["ap_cell"] == c["mean_matched_iou"] == 1 and c["count_mae"] == 0
+    assert c["fp_droplet_sized"] == 0
+
+
+def test_cell_metrics_one_missed():
+    c = cell_metrics(CELLS[:2], CELLS)
+    assert (c["tp"], c["fp"], c["fn"]) == (2, 0, 1)
+    assert c["precision"] == 1 and abs(c["recall"] - 2 / 3) < 1e-6 and abs(c["ap_cell"] - 2 / 3) < 1e-6
+    assert c["count_mae"] == 1 and abs(c["count_mre"] - 1 / 3) < 1e-6
+
+
+def test_cell_metrics_one_split():
+    x = torch.arange(64)[None, :]
+    left, right = CELLS[2] & (x < 19), CELLS[2] & (x >= 22)  # both halves under IoU 0.5 with the cell
+    c = cell_metrics([CELLS[0], CELLS[1], left, right], CELLS)
+    assert (c["tp"], c["fp"], c["fn"]) == (2, 2, 1)
+    assert abs(c["ap_cell"] - 2 / 5) < 1e-6 and c["count_mae"] == 1  # one cell too many
+
+
+def test_cell_metrics_one_merged():
+    a, b = disk(40, 40, 7), disk(54, 40, 7)
+    bridge = torch.zeros(64, 64, dtype=torch.bool)
+    bridge[36:45, 40:55] = True
+    c = cell_metrics([CELLS[0], a | b | bridge], [CELLS[0], a, b])  # the two touching cells found as one
+    assert (c["tp"], c["fp"], c["fn"]) == (1, 1, 2)
+    assert c["count_mae"] == 1 and abs(c["f1"] - 0.4) < 1e-6
+
+
+def test_droplet_sized_false_positives_are_counted_at_the_original_scale():
+    droplet, blob = disk(55, 55, 3), disk(50, 8, 6)  # unmatched: 29 px and 113 px
+    preds = [*CELLS, droplet, blob]
+    c = cell_metrics(preds, CELLS, init={"min_area": 100})
+    assert c["fp"] == 2 and c["fp_droplet_sized"] == 1  # the cells are large but matched: never counted
+    # masks at half the original resolution (letterbox gain 0.5): 29 mask px are 116 original px, not a droplet
+    assert cell_metrics(preds, CELLS, init={"min_area": 100}, area_scale=[0.25])["fp_droplet_sized"] == 0
+    assert cell_metrics(preds, CELLS, init={"min_area": 500}, area_scale=[0.25])["fp_droplet_sized"] == 2
