@@ -177,7 +177,8 @@ class CellSegCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        lines = [f"{what} of {self.trainer.num_val_batches if what == 'validation' else self.trainer.num_test_batches} batches:"]
+        batches = self.trainer.num_val_batches if what == "validation" else self.trainer.num_test_batches
+        lines = [f"{what} ({sum(batches)} batches):"]
         for label, key in REPORT_ROWS:
             if key in metrics:
                 lines.append(f"  {label:<34} {metrics[key]:.4f}")

@@ -464,7 +464,9 @@ class Collate:
         small = []
         for s in samples:
             inst = s["instances"].numpy()
-            small.append(cv2.resize(inst.astype(np.uint16), (size, size), interpolation=cv2.INTER_NEAREST))
+            # NEAREST_EXACT samples near each target pixel's centre (full-res 4i+2); plain NEAREST takes its corner
+            # (4i) and would shift every mask target 1.5 px towards the top-left of the predicted masks
+            small.append(cv2.resize(inst.astype(np.uint16), (size, size), interpolation=cv2.INTER_NEAREST_EXACT))
         counts = [len(s["cls"]) for s in samples]
         batch = {
             "img": img,

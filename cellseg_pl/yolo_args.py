@@ -236,8 +236,8 @@ TABLE: tuple[YoloArg, ...] = (
     ),
     YoloArg(
         "plots", "-", _bool,
-        "no effect: a run writes the same files either way (`results.csv`, TensorBoard logs and whatever pictures "
-        "cellseg_pl draws)",
+        "no effect: a run always writes `results.csv`, `results.png`, validation pictures (`val_pred*.png`) and "
+        "TensorBoard logs",
         simple=False,
     ),
     YoloArg("verbose", "-", _bool, "no effect: cellseg_pl logs the same either way", simple=False),

@@ -82,3 +82,8 @@ def fresh_logging():
                 handler.stream = sys.stderr  # not setStream(): it flushes the old, maybe closed, stream
     yield
     logging.getLogger("cellseg_pl").handlers.clear()
+    # a test that builds a trainer under fake SLURM/DDP ranks leaves Lightning's global rank set: reset it
+    if "lightning.pytorch" in sys.modules:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        rank_zero_only.rank = 0

@@ -152,3 +152,21 @@ def test_read_image_applies_exif_orientation_like_cv2_imread(tmp_path):
     img.save(tmp_path / "r.jpg", exif=exif.tobytes())
     out = read_image(tmp_path / "r.jpg")
     assert out.shape[:2] == (40, 20)  # height and width swapped: displayed as CVAT and Ultralytics show it
+
+
+def test_mask_targets_are_centred_on_the_full_resolution_masks():
+    """The 1/4-resolution loss targets must not be shifted against the masks the network is scored on."""
+    import cv2
+
+    inst = np.zeros((128, 128), np.int32)
+    for k, (cx, cy, r) in enumerate([(30, 40, 9), (80, 70, 13), (100, 25, 6)], start=1):
+        cv2.circle(inst, (cx, cy), r, k, -1)
+    sample = {"img": torch.zeros(3, 128, 128, dtype=torch.uint8), "instances": torch.from_numpy(inst),
+              "cls": torch.zeros(3), "bboxes": torch.zeros(3, 4), "im_file": "x", "ori_shape": (128, 128),
+              "ratio_pad": (1.0, (0, 0))}
+    small = Collate(mask_ratio=4)([sample])["masks"][0].numpy()
+    for k in (1, 2, 3):
+        ys, xs = np.nonzero(inst == k)
+        sy, sx = np.nonzero(small == k)
+        # mask pixel j covers full-resolution pixels 4j..4j+3, centred on 4j + 1.5
+        assert abs(sx.mean() - (xs.mean() - 1.5) / 4) < 0.2 and abs(sy.mean() - (ys.mean() - 1.5) / 4) < 0.2
