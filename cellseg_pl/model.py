@@ -83,7 +83,7 @@ def build_network(
 
     Args:
         model: a model yaml (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path) to train from scratch, or an
-            Ultralytics ``.pt`` to fine-tune.
+            Ultralytics ``.pt`` or a cellseg_pl ``.ckpt`` (its EMA weights) to fine-tune.
         num_classes: number of classes of the data.
         class_names: index -> name; stored on the network (Ultralytics reads ``names``).
         reinit_head: when a ``.pt`` has another class count than the data, build a new head for ``num_classes``
@@ -99,9 +99,15 @@ def build_network(
     names = class_names or {i: str(i) for i in range(num_classes)}
     if model_yaml is not None:
         net = SegmentationModel(deepcopy(model_yaml), nc=num_classes, verbose=False)
-    elif str(model).endswith(".pt"):
-        ckpt = load_ultralytics_checkpoint(model)
-        src = (ckpt.get("ema") or ckpt.get("model")).float()
+    elif str(model).endswith((".pt", ".ckpt")):
+        if str(model).endswith(".pt"):
+            ckpt = load_ultralytics_checkpoint(model)
+            src, origin = (ckpt.get("ema") or ckpt.get("model")).float(), ckpt.get("date", "no date")
+        else:  # a cellseg_pl run: its EMA weights, read without unpickling code
+            if not Path(model).is_file():
+                raise ModelError(f"--model.model: {model} does not exist")
+            src, _, info = load_weights(model)
+            origin = f"a cellseg_pl run, imgsz {info.get('imgsz')}"
         src_nc = int(src.model[-1].nc)
         if src_nc != num_classes and not reinit_head:
             src_names = getattr(src, "names", {})
@@ -122,7 +128,7 @@ def build_network(
             kept = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
             net.load_state_dict(kept, strict=False)
             log.info("re-initialised the head for %d classes; kept %d/%d tensors of %s", num_classes, len(kept), len(own), model)
-        log.info("loaded %s (%s)", model, ckpt.get("date", "no date"))
+        log.info("loaded %s (%s)", model, origin)
     else:
         net = _from_yaml(model, num_classes)
     net = net.float()

@@ -33,9 +33,9 @@ class CellSegModule(L.LightningModule):
     """YOLOv8-seg on Lightning; knobs carry Ultralytics' names and defaults.
 
     Args:
-        model: model yaml to train from scratch (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path), or an
-            Ultralytics ``.pt`` (e.g. the lab's ``yolov8s_cells_v1.0.pt``) to fine-tune. ``.pt`` files are
-            pickles: load only files you trust.
+        model: model yaml to train from scratch (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path), or weights
+            to fine-tune: an Ultralytics ``.pt`` (e.g. the lab's ``yolov8s_cells_v1.0.pt``; a pickle: load only
+            files you trust) or a cellseg_pl ``.ckpt`` (its EMA weights; read safely, weights only).
         num_classes: number of classes (linked from the data; set once in ``dataset.yaml``).
         class_names: class index -> name (linked from the data).
         reinit_head: when a ``.pt`` was trained for another number of classes, start a new head instead of failing.

@@ -100,3 +100,17 @@ def test_print_config(tiny_data, tmp_path, capsys):
         main(fit_args(tiny_data, tmp_path, "p", 1, "--print_config"))
     out = capsys.readouterr().out
     assert "imgsz: 128" in out and "patience: 20" in out and "model: yolov8n-seg.yaml" in out
+
+
+@pytest.mark.slow
+def test_fine_tune_from_a_cellseg_checkpoint(tiny_data, tmp_path):
+    from cellseg_pl.model import build_network, load_weights
+
+    assert main(fit_args(tiny_data, tmp_path, "first", 1)) == 0
+    ckpt = tmp_path / "first" / "weights" / "last.ckpt"
+    source, names, _ = load_weights(ckpt)
+    net = build_network(str(ckpt), 1, {0: "cell"})
+    own = net.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in source.state_dict().items())  # starts from the EMA weights
+    assert main(fit_args(tiny_data, tmp_path, "second", 1, "--model.model", str(ckpt))) == 0
+    assert (tmp_path / "second" / "weights" / "last.ckpt").is_file()
