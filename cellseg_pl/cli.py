@@ -39,6 +39,8 @@ from cellseg_pl.plots import ValidationPictures
 log = logging.getLogger(__name__)
 
 MONITOR = "fitness"
+#: Model options that only affect evaluation and prediction: a checkpoint's saved values do not override them.
+EVAL_KNOBS = ("conf", "iou", "max_det", "pr_conf", "predict_conf", "min_area")
 #: The run folder rank 0 chose, handed to the worker processes Lightning's DDP launcher starts.
 RUN_DIR_ENV = "CELLSEG_PL_RUN_DIR"
 
@@ -93,6 +95,12 @@ class CellSegCLI(LightningCLI):
         parser.add_argument(
             "--report", type=str, default=None, help="validate/test: also write the metrics to this JSON file."
         )
+        parser.add_argument(
+            "--predictions",
+            type=str,
+            default=None,
+            help="predict: COCO 1.0 JSON to write for CVAT (default <project>/<name>/predictions.json; never replaced).",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.overlap_mask", "model.overlap_mask")
@@ -113,6 +121,15 @@ class CellSegCLI(LightningCLI):
         parser.set_defaults(
             {"early_stopping.monitor": MONITOR, "early_stopping.mode": "max", "early_stopping.patience": 100}
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces ``--model.*`` by the hyper-parameters saved in ``--ckpt_path``; keep the evaluation
+        knobs the user gave (NMS thresholds, reporting confidence...), which do not change the trained network."""
+        sub = self.config.get("subcommand")
+        kept = {k: self.config[sub]["model"][k] for k in EVAL_KNOBS} if sub else {}
+        super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[sub]["model"][key] = value
 
     @property
     def fitting(self) -> bool:
@@ -164,7 +181,21 @@ class CellSegCLI(LightningCLI):
             ]
         elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False
+        if self.subcommand == "predict":
+            kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), self._prediction_writer()]
         return super().instantiate_trainer(**kwargs)
+
+    def _prediction_writer(self) -> Any:
+        """The writer of ``predict``: COCO 1.0 JSON for CVAT, as ``predict --images`` writes it."""
+        from cellseg_pl.predict import CocoPredictionWriter
+
+        cfg = self.config[self.subcommand]
+        output = Path(cfg.get("predictions") or self.run_dir / "predictions.json")
+        if output.exists():
+            raise UsageError(f"--predictions: {output} exists; give another file (nothing is replaced)")
+        if not self.datamodule.hparams.predict_images:
+            raise UsageError("--data.predict_images: give the folder of images to predict on")
+        return CocoPredictionWriter(output, self.datamodule.hparams.predict_images, self.model.class_names)
 
     def after_validate(self) -> None:
         self._report("validation")

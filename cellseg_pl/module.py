@@ -17,7 +17,7 @@ import torch
 from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric, targets_from_batch
 from cellseg_pl.model import attach_loss, build_network, network_yaml, split_outputs
 from cellseg_pl.optim import EMA, build_optimizer, resolve_optimizer, schedule, warmup_iterations
-from cellseg_pl.postprocess import postprocess, to_original
+from cellseg_pl.postprocess import postprocess
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +287,17 @@ class CellSegModule(L.LightningModule):
         self._log_metrics()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Detections per image at the original image resolution (masks rebuilt from prototypes at full size)."""
+        """Per image: ``im_file``, ``ori_shape`` and its detections as ``cellseg_pl.predict.Instance`` objects at the
+        original resolution (masks rebuilt from the prototypes at full size, cropped to each object)."""
+        from cellseg_pl.predict import Window, instances_from
+
         h = self.hparams
         det, proto, _ = split_outputs(self.eval_net(batch["img"]))
-        results = postprocess(det, proto, h.num_classes, h.predict_conf, h.iou, h.max_det)
+        results = postprocess(det, proto, h.num_classes, h.predict_conf, h.iou, h.max_det, with_masks=False)
         size = tuple(batch["img"].shape[-2:])
         out = []
         for i, r in enumerate(results):
-            o = to_original(r, proto[i], size, tuple(batch["ori_shape"][i]))
-            out.append({**{k: v.cpu() for k, v in o.items()}, "im_file": batch["im_file"][i], "ori_shape": batch["ori_shape"][i]})
+            shape = tuple(int(v) for v in batch["ori_shape"][i])
+            found = instances_from(r, proto[i], size, Window(i, 0, 0, 0, shape))
+            out.append({"im_file": batch["im_file"][i], "ori_shape": shape, "instances": found})
         return out

@@ -56,6 +56,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
 from cellseg_pl.coco import CocoError, build_coco, mask_to_polygons, polygons_to_mask
@@ -231,7 +232,7 @@ def tile_windows(height: int, width: int, size: int, overlap: int) -> list[tuple
 
 
 @dataclass
-class _Window:
+class Window:
     """Where one network input comes from: image ``image``, offset, size at original resolution, inner edges."""
 
     image: int
@@ -289,7 +290,7 @@ class Predictor:
             return None
         return tile_windows(height, width, self.imgsz, self.tile_overlap)
 
-    def _inputs(self, images: list[np.ndarray], tiling: list[list | None]) -> Iterator[tuple[_Window, np.ndarray]]:
+    def _inputs(self, images: list[np.ndarray], tiling: list[list | None]) -> Iterator[tuple[Window, np.ndarray]]:
         """Every network input, letterboxed to ``imgsz``: whole images resized as in training, or windows at 1:1."""
         s = self.imgsz
         for i, image in enumerate(images):
@@ -299,11 +300,11 @@ class Predictor:
                 if gain != 1:  # as YoloSegDataset.load: long side to imgsz
                     interp = cv2.INTER_LINEAR if gain > 1 else cv2.INTER_AREA
                     image = cv2.resize(image, (max(1, round(w * gain)), max(1, round(h * gain))), interpolation=interp)
-                yield _Window(i, 0, 0, 0, (h, w)), _letterboxed(image, s)
+                yield Window(i, 0, 0, 0, (h, w)), _letterboxed(image, s)
                 continue
             for k, (x0, y0, x1, y1) in enumerate(tiling[i]):
                 inner = (x0 > 0, y0 > 0, x1 < w, y1 < h)
-                yield _Window(i, k, x0, y0, (y1 - y0, x1 - x0), inner), _letterboxed(image[y0:y1, x0:x1], s)
+                yield Window(i, k, x0, y0, (y1 - y0, x1 - x0), inner), _letterboxed(image[y0:y1, x0:x1], s)
 
     @torch.inference_mode()
     def predict(self, images: list[np.ndarray]) -> list[list[Instance]]:
@@ -329,32 +330,46 @@ class Predictor:
                 found[i].sort(key=lambda d: -d.score)
         return found
 
-    def _instances(self, result: dict[str, torch.Tensor], proto: torch.Tensor, win: _Window) -> list[Instance]:
-        """One window's detections with masks built from the prototypes at the window's original size."""
-        h, w = win.shape
-        left, top, right, bottom = win.inner
-        out = []
-        step = max(1, _MASK_PIXEL_BUDGET // (h * w))
-        for s in range(0, len(result["scores"]), step):
-            part = {k: v[s : s + step] for k, v in result.items()}
-            o = to_original(part, proto, (self.imgsz, self.imgsz), (h, w))
-            masks = o["masks"]
-            rows, cols = masks.any(2).cpu().numpy(), masks.any(1).cpu().numpy()
-            masks = masks.cpu().numpy()
-            scores, labels, boxes = o["scores"].tolist(), o["labels"].tolist(), o["boxes"].tolist()
-            for j in range(len(masks)):
-                ys, xs = np.flatnonzero(rows[j]), np.flatnonzero(cols[j])
-                if len(ys):
-                    my0, my1, mx0, mx1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-                else:  # an empty mask (dropped later as "no_outline", or as a seam sliver when cut)
-                    mx0, my0, mx1, my1 = (round(v) for v in boxes[j])
-                cut = (
-                    (left and mx0 < EDGE_MARGIN) or (top and my0 < EDGE_MARGIN)
-                    or (right and mx1 > w - EDGE_MARGIN) or (bottom and my1 > h - EDGE_MARGIN)
-                )  # fmt: skip
-                crop = masks[j, my0:my1, mx0:mx1].copy() if len(ys) else np.zeros((0, 0), bool)
-                out.append(Instance(scores[j], labels[j], win.x0 + mx0, win.y0 + my0, crop, bool(cut), win.index))
-        return out
+    def _instances(self, result: dict[str, torch.Tensor], proto: torch.Tensor, win: Window) -> list[Instance]:
+        return instances_from(result, proto, (self.imgsz, self.imgsz), win)
+
+
+def instances_from(
+    result: dict[str, torch.Tensor], proto: torch.Tensor, input_size: tuple[int, int], win: Window
+) -> list[Instance]:
+    """One network input's detections with masks built from the prototypes at the window's original size.
+
+    Args:
+        result: one entry of :func:`cellseg_pl.postprocess.postprocess` (``boxes``, ``scores``, ``labels``,
+            ``coeffs`` in network-input px).
+        proto: (32, S/4, S/4) prototypes of that input.
+        input_size: (S, S), the letterboxed network input size.
+        win: where the input comes from (a whole image: ``Window(i, 0, 0, 0, (h0, w0))``).
+    """
+    h, w = win.shape
+    left, top, right, bottom = win.inner
+    out = []
+    step = max(1, _MASK_PIXEL_BUDGET // (h * w))
+    for s in range(0, len(result["scores"]), step):
+        part = {k: v[s : s + step] for k, v in result.items()}
+        o = to_original(part, proto, input_size, (h, w))
+        masks = o["masks"]
+        rows, cols = masks.any(2).cpu().numpy(), masks.any(1).cpu().numpy()
+        masks = masks.cpu().numpy()
+        scores, labels, boxes = o["scores"].tolist(), o["labels"].tolist(), o["boxes"].tolist()
+        for j in range(len(masks)):
+            ys, xs = np.flatnonzero(rows[j]), np.flatnonzero(cols[j])
+            if len(ys):
+                my0, my1, mx0, mx1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+            else:  # an empty mask (dropped later as "no_outline", or as a seam sliver when cut)
+                mx0, my0, mx1, my1 = (round(v) for v in boxes[j])
+            cut = (
+                (left and mx0 < EDGE_MARGIN) or (top and my0 < EDGE_MARGIN)
+                or (right and mx1 > w - EDGE_MARGIN) or (bottom and my1 > h - EDGE_MARGIN)
+            )  # fmt: skip
+            crop = masks[j, my0:my1, mx0:mx1].copy() if len(ys) else np.zeros((0, 0), bool)
+            out.append(Instance(scores[j], labels[j], win.x0 + mx0, win.y0 + my0, crop, bool(cut), win.index))
+    return out
 
 
 def _letterboxed(image: np.ndarray, imgsz: int) -> np.ndarray:
@@ -718,17 +733,76 @@ def predict_folder(
     summary.images_written = len(coco_images)
 
     categories = [{"id": k + 1, "name": names[k]} for k in sorted(names)]
-    coco = build_coco(coco_images, annotations, categories)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
-    try:
-        tmp.write_text(json.dumps(coco))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_json_atomically(build_coco(coco_images, annotations, categories), output)
     summary.seconds = time.perf_counter() - start
     log.info("wrote %d objects on %d images to %s", summary.instances_written, summary.images_written, output)
     return summary
+
+
+def _write_json_atomically(data: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class CocoPredictionWriter(BasePredictionWriter):
+    """LightningCLI ``predict``: the same COCO 1.0 JSON for CVAT as ``predict --images``, from a run's checkpoint.
+
+    ``predict_step`` yields, per image, its file, size and :class:`Instance` list; this turns them into CVAT
+    records as :func:`predict_folder` does (one polygon per object, ``min_area`` filter), gathers them from all
+    processes and writes one file (rank 0) at the end.
+
+    Args:
+        output: the JSON file (refused when it exists: choose another, nothing is replaced).
+        images_root: folder ``file_name`` is relative to (the ``--data.predict_images`` folder).
+        names: class index -> name.
+        min_area: drop objects smaller than this many pixels (the guide's droplet rule: 500).
+    """
+
+    def __init__(self, output: str | Path, images_root: str | Path, names: dict[int, str], min_area: float = 0) -> None:
+        super().__init__(write_interval="batch")
+        self.output, self.root = Path(output), Path(images_root)
+        self.names, self.min_area = dict(names), min_area
+        self._images: list[dict] = []
+        self._annotations: list[dict] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook signature
+        self._images, self._annotations = [], []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001,D102
+        for item in prediction:
+            file = Path(item["im_file"])
+            rel = file.relative_to(self.root).as_posix() if file.is_relative_to(self.root) else file.name
+            h, w = item["ori_shape"]
+            self._images.append({"file_name": rel, "height": int(h), "width": int(w)})
+            for inst in item["instances"]:
+                record, reason, _, _ = _annotation(inst, 0, 0)
+                if record is not None and not reason and record["area"] >= self.min_area:
+                    self._annotations.append({**record, "file_name": rel})
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook signature
+        images, annotations = self._images, self._annotations
+        if trainer.world_size > 1:
+            gathered: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, (images, annotations))
+            images = [x for part in gathered for x in part[0]]
+            annotations = [x for part in gathered for x in part[1]]
+        if not trainer.is_global_zero:
+            return
+        images = sorted({im["file_name"]: im for im in images}.values(), key=lambda im: im["file_name"])
+        ids = {im["file_name"]: i for i, im in enumerate(images, start=1)}
+        records = []
+        for k, ann in enumerate(sorted(annotations, key=lambda a: (ids[a["file_name"]], -a["score"])), start=1):
+            records.append({**{key: v for key, v in ann.items() if key != "file_name"}, "id": k,
+                            "image_id": ids[ann["file_name"]]})
+        categories = [{"id": k + 1, "name": self.names[k]} for k in sorted(self.names)]
+        coco = build_coco([{"id": ids[im["file_name"]], **im} for im in images], records, categories)
+        _write_json_atomically(coco, self.output)
+        log.info("wrote %d objects on %d images to %s", len(records), len(images), self.output)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -463,3 +463,34 @@ def test_guide_script_runs_with_the_guide_flags(weights, cells, tmp_path, monkey
         runpy.run_path(str(REPO / "scripts" / "predict_simple_circles.py"), run_name="__main__")
     assert stop.value.code == 0 and out.is_file()
     assert "objects written" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lightning_predict_writes_the_same_coco_json(tiny_data, tmp_path):
+    """``predict --config ... --ckpt_path`` (LightningCLI + writer) gives the file ``predict --images`` gives."""
+    from test_export import calibrate_batchnorm
+
+    from cellseg_pl.__main__ import main as cellseg_main
+    from conftest import fit_args
+
+    assert cellseg_main(fit_args(tiny_data, tmp_path, "run", 1)) == 0
+    ckpt = tmp_path / "run" / "weights" / "last.ckpt"
+    images = tiny_data.parent / "images" / "val"
+    calibrate_batchnorm(ckpt, sorted(tiny_data.parent.glob("images/*/*.png")))  # image-dependent detections (see test_export)
+    cli_json = tmp_path / "cli.json"
+    args = ["predict", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", str(tiny_data),
+            "--data.imgsz", "128", "--data.num_workers", "0", "--data.predict_images", str(images),
+            "--ckpt_path", str(ckpt), "--model.predict_conf", "0.001", "--project", str(tmp_path), "--name", "run",
+            "--predictions", str(cli_json), "--trainer.enable_progress_bar", "false"]
+    assert cellseg_main(args) == 0
+    tool_json = tmp_path / "tool.json"
+    assert cellseg_main(["predict", "--model", str(ckpt), "--images", str(images), "--output", str(tool_json),
+                 "--conf", "0.001"]) == 0
+    a, b = json.loads(cli_json.read_text()), json.loads(tool_json.read_text())
+    assert a["images"] == b["images"] and a["categories"] == b["categories"]
+    assert len(a["annotations"]) > 0
+    per_image = lambda d: sorted((x["image_id"], round(x["bbox"][0]), round(x["bbox"][1])) for x in d["annotations"])  # noqa: E731
+    pa, pb = per_image(a), per_image(b)
+    assert len(pa) == len(pb)
+    assert sum(x != y for x, y in zip(pa, pb)) <= max(1, len(pa) // 50)  # fused vs unfused Conv+BN rounding
+    assert cellseg_main(args) == 2  # an existing predictions file is never replaced
