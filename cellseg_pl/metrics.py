@@ -10,22 +10,84 @@ and are torchmetrics ``Metric`` objects, so Lightning reduces them across proces
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_convert
 
 #: COCO max-detection thresholds with the last raised to 300 (the lab's images hold ~57 cells, often more).
 MAX_DETECTIONS = [1, 10, 300]
 
 
-class MaskMeanAP(MeanAveragePrecision):
-    """torchmetrics' ``MeanAveragePrecision`` whose multi-process sync accepts uneven image counts per process.
+def encode_masks(masks: torch.Tensor | np.ndarray, indices: list[int] | None = None) -> list[dict]:
+    """COCO RLEs (compressed, as ``pycocotools.mask.encode`` gives them) of a (n, H, W) bool mask stack.
 
-    The stock sync gathers its list states as padded tensors and fails (a collective size mismatch) when the
-    processes scored different numbers of images, which an unrepeated validation split produces. Here every
-    list state is gathered as Python objects, so 2 processes give exactly the single-process result.
+    ``indices`` encodes only those masks (without copying the stack).
+
+    Only the columns an object occupies are scanned (the runs before and after are all background), which makes
+    encoding ~20x faster than ``mask.encode`` on the full image for cell-sized objects at imgsz 640: the cost of
+    validating with up to 300 detections per image at full resolution.
     """
+    m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    m = m.astype(bool, copy=False)
+    n, h, w = m.shape
+    out = []
+    for k in range(n) if indices is None else indices:
+        xs = np.flatnonzero(m[k].any(axis=0))  # the columns holding the object
+        if not len(xs):
+            runs = [h * w]
+        else:
+            x0, x1 = int(xs[0]), int(xs[-1]) + 1
+            v = m[k, :, x0:x1].T.reshape(-1)  # column-major order, as COCO's RLE
+            bounds = np.concatenate(([0], np.flatnonzero(v[1:] != v[:-1]) + 1, [len(v)]))
+            runs = np.diff(bounds).tolist()
+            if v[0]:
+                runs.insert(0, 0)  # an RLE starts with a run of background
+            runs[0] += x0 * h
+            tail = (w - x1) * h
+            if tail:
+                if len(runs) % 2:  # the last run is background
+                    runs[-1] += tail
+                else:
+                    runs.append(tail)
+        out.append(mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w))
+    return out
+
+
+class MaskMeanAP(MeanAveragePrecision):
+    """torchmetrics' ``MeanAveragePrecision`` with fast mask encoding and a sync for uneven image counts.
+
+    * ``update`` encodes masks with :func:`encode_masks` (the stock update encodes every full-size mask: ~0.3 s per
+      640 px image with 300 detections, minutes per validation of a lab-sized split).
+    * The stock sync gathers its list states as padded tensors and fails (a collective size mismatch) when the
+      processes scored different numbers of images, which an unrepeated validation split produces. Here every
+      list state is gathered as Python objects, so 2 processes give exactly the single-process result.
+
+    Written against torchmetrics 1.9 (pinned): it fills the same states the stock ``update`` does.
+    """
+
+    def update(self, preds: list[dict[str, torch.Tensor]], target: list[dict[str, torch.Tensor]]) -> None:
+        from torchmetrics.detection.helpers import _input_validator
+
+        _input_validator(preds, target, iou_type=self.iou_type)
+        for item in preds:
+            self.detection_box.append(box_convert(item["boxes"].reshape(-1, 4), "xyxy", "xywh"))
+            self.detection_mask.append(self._rles(item["masks"]))
+            self.detection_labels.append(item["labels"])
+            self.detection_scores.append(item["scores"])
+        for item in target:
+            self.groundtruth_box.append(box_convert(item["boxes"].reshape(-1, 4), "xyxy", "xywh"))
+            self.groundtruth_mask.append(self._rles(item["masks"]))
+            self.groundtruth_labels.append(item["labels"])
+            self.groundtruth_crowds.append(item.get("iscrowd", torch.zeros_like(item["labels"])))
+            self.groundtruth_area.append(item.get("area", torch.zeros_like(item["labels"])))
+
+    @staticmethod
+    def _rles(masks: torch.Tensor) -> tuple:
+        return tuple((tuple(r["size"]), r["counts"]) for r in encode_masks(masks))
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 - torchmetrics' signature
         world = torch.distributed.get_world_size(group=process_group)
@@ -46,13 +108,11 @@ def mask_map_metric() -> MeanAveragePrecision:
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU matrix (n, m) between boolean mask stacks a (n, H, W) and b (m, H, W)."""
+    """IoU matrix (n, m) between boolean mask stacks a (n, H, W) and b (m, H, W) (computed on RLEs: fast)."""
     if not len(a) or not len(b):
         return torch.zeros(len(a), len(b), device=a.device)
-    fa, fb = a.flatten(1).float(), b.flatten(1).float()
-    inter = fa @ fb.T
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
-    return inter / union.clamp(min=1)
+    iou = mask_utils.iou(encode_masks(a), encode_masks(b), [0] * len(b))
+    return torch.as_tensor(np.asarray(iou, np.float32).reshape(len(a), len(b)), device=a.device)
 
 
 def matched_pairs(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.Tensor,
@@ -62,12 +122,17 @@ def matched_pairs(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks:
     Returns:
         ``(predicted indices, true indices, IoUs)`` of the pairs whose IoU reaches ``iou_threshold``.
     """
-    iou = mask_iou(pred_masks, gt_masks)
-    if not iou.numel():
+    return _match_rles(encode_masks(pred_masks), pred_labels, encode_masks(gt_masks), gt_labels, iou_threshold)
+
+
+def _match_rles(pred: list[dict], pred_labels: torch.Tensor, gt: list[dict], gt_labels: torch.Tensor,
+                iou_threshold: float) -> tuple[list[int], list[int], list[float]]:
+    if not pred or not gt:
         return [], [], []
-    iou = iou * (pred_labels[:, None] == gt_labels[None, :])
-    rows, cols = linear_sum_assignment(-iou.cpu().numpy())
-    matched = iou[rows, cols].cpu().numpy()
+    iou = np.asarray(mask_utils.iou(pred, gt, [0] * len(gt)), np.float64).reshape(len(pred), len(gt))
+    iou = iou * (pred_labels.cpu().numpy()[:, None] == gt_labels.cpu().numpy()[None, :])
+    rows, cols = linear_sum_assignment(-iou)
+    matched = iou[rows, cols]
     good = matched >= iou_threshold
     return rows[good].tolist(), cols[good].tolist(), matched[good].tolist()
 
@@ -120,16 +185,18 @@ class CellMatchMetrics(Metric):
         """
         for i, (pred, target) in enumerate(zip(preds, targets)):
             keep = pred["scores"] >= self.conf
-            masks = pred["masks"][keep]
-            rows, _, ious = matched_pairs(
-                masks, pred["labels"][keep], target["masks"], target["labels"], self.iou_threshold
+            kept = torch.nonzero(keep).view(-1).tolist()
+            pred_rles = encode_masks(pred["masks"], kept)  # (no copy of the kept masks)
+            rows, _, ious = _match_rles(
+                pred_rles, pred["labels"][keep], encode_masks(target["masks"]), target["labels"], self.iou_threshold
             )
             tp, iou_sum = len(rows), float(sum(ious))
-            fp, fn = len(masks) - tp, len(target["masks"]) - tp
-            unmatched = torch.ones(len(masks), dtype=torch.bool, device=masks.device)
+            fp, fn = len(kept) - tp, len(target["masks"]) - tp
+            unmatched = np.ones(len(kept), dtype=bool)
             unmatched[rows] = False
             scale = area_scale[i] if area_scale is not None else 1.0
-            self.fp_small += int((masks[unmatched].flatten(1).sum(1) < self.min_area * scale).sum())
+            areas = mask_utils.area(pred_rles) if pred_rles else np.zeros(0)
+            self.fp_small += int((np.asarray(areas)[unmatched] < self.min_area * scale).sum())
             self.tp += tp
             self.fp += fp
             self.fn += fn

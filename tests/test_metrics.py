@@ -129,3 +129,23 @@ def test_droplet_sized_false_positives_are_counted_at_the_original_scale():
     # masks at half the original resolution (letterbox gain 0.5): 29 mask px are 116 original px, not a droplet
     assert cell_metrics(preds, CELLS, init={"min_area": 100}, area_scale=[0.25])["fp_droplet_sized"] == 0
     assert cell_metrics(preds, CELLS, init={"min_area": 500}, area_scale=[0.25])["fp_droplet_sized"] == 2
+
+
+def test_fast_rle_encoding_equals_pycocotools():
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from cellseg_pl.metrics import encode_masks
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        stack = rng.random((3, h, w)) < rng.random()
+        if trial % 3 == 0:
+            stack[:, :, : w // 2] = False  # objects away from the left edge
+        if trial % 7 == 0:
+            stack[:] = False  # empty masks
+        ours = [r["counts"] for r in encode_masks(torch.from_numpy(stack))]
+        ref = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"] for m in stack]
+        assert ours == ref, trial
+        assert [r["counts"] for r in encode_masks(stack, [2, 0])] == [ref[2], ref[0]]
