@@ -102,7 +102,10 @@ def load_dataset_yaml(path: str | Path) -> DatasetSpec:
     """
     yaml_path = Path(path)
     if not yaml_path.is_file():
-        raise DatasetError(f"{yaml_path} does not exist; pass the dataset.yaml written by 'cellseg_pl convert'")
+        hint = "write the demo data with: python scripts/make_demo_data.py" if "demo" in yaml_path.parts else (
+            "pass the dataset.yaml written by 'cellseg_pl convert'"
+        )
+        raise DatasetError(f"{yaml_path} does not exist; {hint}")
     try:
         spec = yaml.safe_load(yaml_path.read_text())
     except yaml.YAMLError as e:
