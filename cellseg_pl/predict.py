@@ -810,17 +810,8 @@ class CocoPredictionWriter(BasePredictionWriter):
 # --------------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    """Flags of the lab's ``predict_simple_circles.py`` plus ours (dash and underscore spellings)."""
-    p = argparse.ArgumentParser(
-        prog="python -m cellseg_pl predict",
-        description="Predict a folder of images and write COCO 1.0 JSON that CVAT imports as annotations "
-        "(polygons at the original resolution, with scores).",
-        allow_abbrev=False,
-    )
-    p.add_argument("--model", required=True, help="cellseg_pl .ckpt or Ultralytics -seg .pt (trusted files only)")
-    p.add_argument("--images", required=True, help="folder of images (sub-folders included)")
-    p.add_argument("--output", required=True, help="JSON file to write, e.g. predictions.json")
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The network, NMS and tiling flags ``predict`` and ``select`` share (dash and underscore spellings)."""
     p.add_argument("--device", default="cpu", help="cpu (default), 0 (= cuda:0) or cuda:N")
     p.add_argument("--conf", type=float, default=0.25, help="minimum score kept (default 0.25)")
     p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
@@ -833,10 +824,6 @@ def _parser() -> argparse.ArgumentParser:
         help="drop objects smaller than this many pixels, e.g. 500 for water droplets (default 0: keep all)",
     )  # fmt: skip
     p.add_argument(
-        "--save-overlays", "--save_overlays", dest="save_overlays", default=None, metavar="DIR",
-        help="also write each image with its outlines and counts here (same relative path)",
-    )  # fmt: skip
-    p.add_argument(
         "--tile", choices=TILE_MODES, default="auto",
         help=f"predict large images on overlapping imgsz windows at full resolution: auto (a side > "
         f"{AUTO_TILE_FACTOR:g} x imgsz), on (a side > imgsz) or off (resize to imgsz) (default auto)",
@@ -846,17 +833,14 @@ def _parser() -> argparse.ArgumentParser:
         help="overlap of neighbouring windows in px, larger than the biggest object (default imgsz/4)",
     )  # fmt: skip
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="inputs per pass (8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``predict --model M --images DIR --output predictions.json [...]``.
+def run_tool(parser: argparse.ArgumentParser, argv: list[str] | None, run) -> int:  # noqa: ANN001
+    """Parse ``argv``, call ``run(args)`` and print its summary; a bad argument or input is one ``error:`` line.
 
     Returns:
-        0 on success; 2 on a bad argument or input, reported as one ``error: ...`` line on stderr.
+        0 on success; 2 on a bad argument or input (``CocoError``, ``OSError``, GPU out of memory).
     """
-    parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse has already printed usage and the problem
@@ -864,10 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger("cellseg_pl").handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        summary = predict_folder(
-            args.model, args.images, args.output, args.device, args.conf, args.iou, args.imgsz, args.max_det,
-            args.min_area, args.save_overlays, args.tile, args.tile_overlap, args.batch_size, args.overwrite,
-        )  # fmt: skip
+        summary = run(args)
     except CocoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -880,3 +861,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.format())
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Flags of the lab's ``predict_simple_circles.py`` plus ours (dash and underscore spellings)."""
+    p = argparse.ArgumentParser(
+        prog="python -m cellseg_pl predict",
+        description="Predict a folder of images and write COCO 1.0 JSON that CVAT imports as annotations "
+        "(polygons at the original resolution, with scores).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--model", required=True, help="cellseg_pl .ckpt or Ultralytics -seg .pt (trusted files only)")
+    p.add_argument("--images", required=True, help="folder of images (sub-folders included)")
+    p.add_argument("--output", required=True, help="JSON file to write, e.g. predictions.json")
+    add_inference_arguments(p)
+    p.add_argument(
+        "--save-overlays", "--save_overlays", dest="save_overlays", default=None, metavar="DIR",
+        help="also write each image with its outlines and counts here (same relative path)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``predict --model M --images DIR --output predictions.json [...]``.
+
+    Returns:
+        0 on success; 2 on a bad argument or input, reported as one ``error: ...`` line on stderr.
+    """
+    return run_tool(_parser(), argv, lambda a: predict_folder(
+        a.model, a.images, a.output, a.device, a.conf, a.iou, a.imgsz, a.max_det, a.min_area, a.save_overlays,
+        a.tile, a.tile_overlap, a.batch_size, a.overwrite,
+    ))  # fmt: skip
+
+

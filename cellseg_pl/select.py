@@ -46,7 +46,6 @@ import io
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -57,10 +56,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from cellseg_pl.coco import CocoError
 from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, read_image
 from cellseg_pl.predict import (
-    TILE_MODES,
     Instance,
     PredictError,
     PredictSummary,
@@ -71,7 +68,9 @@ from cellseg_pl.predict import (
     _load_network,
     list_images,
     parse_device,
+    add_inference_arguments,
     predict_folder,
+    run_tool,
 )
 
 log = logging.getLogger(__name__)
@@ -473,22 +472,11 @@ def _parser() -> argparse.ArgumentParser:
         "--exclude", action="append", default=[], metavar="LIST",
         help="skip the images of this list (e.g. an earlier next_batch.txt); may be repeated",
     )  # fmt: skip
-    p.add_argument("--device", default="cpu", help="cpu (default), 0 (= cuda:0) or cuda:N")
-    p.add_argument("--imgsz", type=int, default=None, help="network input side in px (default: the model's, else 640)")
-    p.add_argument("--conf", type=float, default=0.25, help="minimum detection score (default 0.25)")
+    add_inference_arguments(p)
     p.add_argument(
         "--borderline", type=float, default=0.6, help="detections scoring below this are borderline (default 0.6)"
     )
     p.add_argument("--no-tta", "--no_tta", dest="tta", action="store_false", help="skip the flipped predictions")
-    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
-    p.add_argument("--max-det", "--max_det", dest="max_det", type=int, default=300, help="most objects per image (300)")
-    p.add_argument(
-        "--min-area", "--min_area", dest="min_area", type=float, default=0,
-        help="ignore detections smaller than this many pixels, e.g. 500 for water droplets (default 0)",
-    )  # fmt: skip
-    p.add_argument("--tile", choices=TILE_MODES, default="auto", help="tiled prediction of large images (as predict)")
-    p.add_argument("--tile-overlap", "--tile_overlap", dest="tile_overlap", type=int, default=None, metavar="PX")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="inputs per pass (8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing list, CSV or predictions file")
     return p
 
@@ -499,28 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success; 2 on a bad argument or input, reported as one ``error: ...`` line on stderr.
     """
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse has already printed usage and the problem
-        return int(stop.code or 0)
-    if not logging.getLogger("cellseg_pl").handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        summary = select_images(
-            args.model, args.pool, args.k, args.output, args.copy_to, args.predictions, args.device, args.imgsz,
-            args.conf, args.tta, args.borderline, WEIGHTS, args.iou, args.max_det, args.min_area, args.tile,
-            args.tile_overlap, args.batch_size, args.exclude, args.overwrite,
-        )  # fmt: skip
-    except CocoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        where = err.filename or args.output
-        print(f"error: {where}: {err.strerror or err}; check the path, permissions and free space", file=sys.stderr)
-        return 2
-    except torch.cuda.OutOfMemoryError:
-        print(f"error: --device {args.device}: out of GPU memory; lower --batch-size or --imgsz", file=sys.stderr)
-        return 2
-    print(summary.format())
-    return 0
+    return run_tool(_parser(), argv, lambda a: select_images(
+        a.model, a.pool, a.k, a.output, a.copy_to, a.predictions, a.device, a.imgsz, a.conf, a.tta, a.borderline,
+        WEIGHTS, a.iou, a.max_det, a.min_area, a.tile, a.tile_overlap, a.batch_size, a.exclude, a.overwrite,
+    ))  # fmt: skip

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cellseg_pl.coco import mask_to_polygons, mask_to_rle, polygons_to_mask, rle_to_mask
+from cellseg_pl.coco import mask_to_polygons, mask_to_rle, polygons_to_mask
 from cellseg_pl.convert import ConvertError, convert_coco_zip, main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_pl.dataset import Collate, YoloSegDataset, load_dataset_yaml
+from cellseg_pl.dataset import Collate, YoloSegDataset
 from cellseg_pl.model import CroppedMaskLoss, attach_loss, build_network
 from cellseg_pl.transforms import ValTransform
 
