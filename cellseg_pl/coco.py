@@ -24,6 +24,7 @@ import logging
 import re
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,12 +52,36 @@ __all__ = [
 ]
 
 
+#: Examples of each skip reason kept for the tools' summaries.
+MAX_EXAMPLES = 3
+
+
 class CocoError(ValueError):
     """A problem with an input file, worded ``"<file>: <problem>; <what to do>"``."""
 
     def __init__(self, file: str | Path, problem: str, hint: str = ""):
         self.file, self.problem, self.hint = str(file), problem, hint
         super().__init__(f"{file}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+def count_reason(kind: Counter, examples: dict[str, list[str]], reason: str, example: str, n: int = 1) -> None:
+    """Add ``n`` to ``kind[reason]`` and keep the first few distinct examples (the tools' summaries)."""
+    kind[reason] += n
+    shown = examples.setdefault(reason, [])
+    if len(shown) < MAX_EXAMPLES and example not in shown:
+        shown.append(example)
+
+
+def reason_lines(groups: list[tuple[str, Counter, dict[str, str]]], examples: dict[str, list[str]]) -> list[str]:
+    """Summary lines ``title: total`` then ``  reason: n - meaning (e.g. ...)`` for each ``(title, counts, meanings)``."""
+    lines = []
+    for title, kind, meaning in groups:
+        if sum(kind.values()):
+            lines.append(f"{title}: {sum(kind.values())}")
+        for reason, n in sorted(kind.items()):
+            example = "; ".join(examples.get(reason, []))
+            lines.append(f"  {reason}: {n} - {meaning[reason]}" + (f" (e.g. {example})" if example else ""))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ from cellseg_pl.coco import (
     mask_to_yolo_polygons,
     open_coco_zip,
     polygons_to_rle,
+    reason_lines,
     checked_rle,
+    count_reason,
     rle_to_mask,
     unsafe_path_reason,
     validate_polygon,
@@ -86,7 +88,6 @@ NOTES = {
     "images_missing_objects": "images written although some of their annotations were skipped: "
     "those objects look like background to training",
 }
-_MAX_EXAMPLES = 3
 _IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
 _MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"BM", ".bmp"))
 
@@ -123,10 +124,7 @@ class ConvertSummary:
 
     def count(self, kind: Counter, reason: str, example: str) -> None:
         """Add one to ``kind[reason]`` and keep the first few examples for the summary."""
-        kind[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < _MAX_EXAMPLES:
-            shown.append(example)
+        count_reason(kind, self.examples, reason, example)
 
     def format(self) -> str:
         """The human-readable report ``main`` prints."""
@@ -138,16 +136,11 @@ class ConvertSummary:
             + ", ".join(f"{self.names[c]}: {self.instances[c]}" for c in sorted(self.names))
             + ")",
         ]
-        for title, kind, meaning in (
-            ("skipped images", self.skipped_images, IMAGE_SKIPS),
-            ("skipped annotations", self.skipped_annotations, ANNOTATION_SKIPS),
-            ("notes", self.notes, NOTES),
-        ):
-            if sum(kind.values()):
-                lines.append(f"{title}: {sum(kind.values())}")
-            for reason, n in sorted(kind.items()):
-                example = "; ".join(self.examples.get(reason, []))
-                lines.append(f"  {reason}: {n} - {meaning[reason]}" + (f" (e.g. {example})" if example else ""))
+        lines += reason_lines(
+            [("skipped images", self.skipped_images, IMAGE_SKIPS),
+             ("skipped annotations", self.skipped_annotations, ANNOTATION_SKIPS), ("notes", self.notes, NOTES)],
+            self.examples,
+        )  # fmt: skip
         lines.append(f"dataset: {self.output_dir / 'dataset.yaml'}")
         return "\n".join(lines)
 

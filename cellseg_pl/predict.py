@@ -59,7 +59,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
-from cellseg_pl.coco import CocoError, build_coco, mask_to_polygons, polygons_to_mask
+from cellseg_pl.coco import CocoError, build_coco, count_reason, mask_to_polygons, polygons_to_mask, reason_lines
 from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, letterbox, read_image
 from cellseg_pl.model import ModelError, load_weights, split_outputs
 from cellseg_pl.postprocess import postprocess, to_original
@@ -412,10 +412,7 @@ class PredictSummary:
 
     def count(self, kind: Counter, reason: str, example: str, n: int = 1) -> None:
         """Add ``n`` to ``kind[reason]`` and keep the first few examples."""
-        kind[reason] += n
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < 3 and example not in shown:
-            shown.append(example)
+        count_reason(kind, self.examples, reason, example, n)
 
     def format(self) -> str:
         """The human-readable report ``main`` prints."""
@@ -427,16 +424,11 @@ class PredictSummary:
             + (f"; {self.tiled_images} large images tiled into {self.windows} windows" if self.tiled_images else ""),
             f"objects written: {self.instances_written} ({per_class})",
         ]
-        for title, kind, meaning in (
-            ("skipped images", self.skipped_images, IMAGE_SKIPS),
-            ("dropped detections", self.dropped, DROPPED),
-            ("notes", self.notes, NOTES),
-        ):
-            if sum(kind.values()):
-                lines.append(f"{title}: {sum(kind.values())}")
-            for reason, n in sorted(kind.items()):
-                example = "; ".join(self.examples.get(reason, []))
-                lines.append(f"  {reason}: {n} - {meaning[reason]}" + (f" (e.g. {example})" if example else ""))
+        lines += reason_lines(
+            [("skipped images", self.skipped_images, IMAGE_SKIPS), ("dropped detections", self.dropped, DROPPED),
+             ("notes", self.notes, NOTES)],
+            self.examples,
+        )  # fmt: skip
         if self.overlays is not None:
             lines.append(f"overlays: {self.overlays}")
         lines.append(f"annotations: {self.output} (import into CVAT as 'COCO 1.0')")
