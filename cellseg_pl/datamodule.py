@@ -183,8 +183,9 @@ class CellSegDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=self._sampler(dataset, train),
-            # a final batch of one image would give BatchNorm a single value per channel
-            drop_last=train and len(dataset) % batch_size == 1,
+            # as Ultralytics: every image every epoch (a final batch of one image still gives BatchNorm one value
+            # per pixel of each feature map; dropping it cost a tiny data set a fifth of its training)
+            drop_last=False,
             num_workers=self.hparams.num_workers,
             collate_fn=Collate(self.hparams.mask_ratio, self.hparams.overlap_mask, full_masks=full_masks),
             pin_memory=torch.cuda.is_available(),

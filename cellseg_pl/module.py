@@ -118,6 +118,7 @@ class CellSegModule(L.LightningModule):
         self._criterion_device: torch.device | None = None
         self._last_opt_step = -1
         self._accumulate = 1
+        self._accumulate_now = 1  # this iteration's (ramped during warmup)
         self._nw = 0
         self._nonfinite = 0
 
@@ -175,6 +176,7 @@ class CellSegModule(L.LightningModule):
             opt.optimizer, ni, self.current_epoch, self.trainer.max_epochs, self._nw, self._accumulate,
             h.lrf, h.cos_lr, self._momentum, h.warmup_momentum, self._warmup_bias_lr,
         )
+        self._accumulate_now = accumulate
         loss, parts = self.criterion(self.net(batch["img"]), batch)
         if not torch.isfinite(loss):
             self._skip_nonfinite(f"loss {loss.item()}", batch_idx)

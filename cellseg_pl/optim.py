@@ -115,7 +115,7 @@ def schedule(
     """Set every group's lr (and momentum) for iteration ``ni`` of ``epoch``; return the accumulation to use.
 
     During the first ``nw`` iterations the bias lr falls from ``warmup_bias_lr`` and the other lrs rise from 0 to
-    their scheduled value, momentum rises from ``warmup_momentum``, and accumulation ramps from 1 to ``accumulate``.
+    their scheduled value, SGD's momentum rises from ``warmup_momentum``, and accumulation ramps from 1 to ``accumulate``.
     """
     factor = lr_factor(epoch, epochs, lrf, cos_lr)
     acc = accumulate
@@ -124,17 +124,13 @@ def schedule(
         if nw and ni <= nw:
             start = warmup_bias_lr if group.get("param_group") == "bias" else 0.0
             group["lr"] = float(np.interp(ni, [0, nw], [start, target]))
-            mom = float(np.interp(ni, [0, nw], [warmup_momentum, momentum]))
+            # (Ultralytics warms up SGD's momentum only: Adam's beta1 stays at ``momentum`` throughout)
             if "momentum" in group:
-                group["momentum"] = mom
-            elif "betas" in group:
-                group["betas"] = (mom, group["betas"][1])
+                group["momentum"] = float(np.interp(ni, [0, nw], [warmup_momentum, momentum]))
         else:
             group["lr"] = target
             if "momentum" in group:
                 group["momentum"] = momentum
-            elif "betas" in group:
-                group["betas"] = (momentum, group["betas"][1])
     if nw and ni <= nw:
         acc = max(1, int(np.interp(ni, [0, nw], [1, accumulate]).round()))
     return acc

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class RandomHSV(A.ImageOnlyTransform):
-    """Ultralytics' HSV jitter: hue, saturation and value multiplied by random gains in ``1 +- gain``.
+    """Ultralytics' HSV jitter: hue shifted by ``+- hgain`` of the circle, saturation and value scaled by ``1 +- gain``.
 
     Args:
         hgain: hue gain (fraction of the hue circle).
@@ -44,16 +44,18 @@ class RandomHSV(A.ImageOnlyTransform):
         self.hgain, self.sgain, self.vgain = hgain, sgain, vgain
 
     def get_params(self) -> dict[str, Any]:
-        return {"gains": self.random_generator.uniform(-1, 1, 3) * [self.hgain, self.sgain, self.vgain] + 1}
+        return {"gains": self.random_generator.uniform(-1, 1, 3) * [self.hgain, self.sgain, self.vgain]}
 
     def apply(self, img: np.ndarray, gains: np.ndarray, **params: Any) -> np.ndarray:
-        hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
-        x = np.arange(0, 256, dtype=np.float32)
-        lut_hue = ((x * gains[0]) % 180).astype(np.uint8)
-        lut_sat = np.clip(x * gains[1], 0, 255).astype(np.uint8)
-        lut_val = np.clip(x * gains[2], 0, 255).astype(np.uint8)
-        hsv = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
-        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        # Ultralytics 8.4: the hue is shifted (not scaled), saturation and value are scaled, and a saturation of 0
+        # stays 0 (gray stays gray)
+        x = np.arange(0, 256, dtype=np.float64)
+        lut_hue = ((x + gains[0] * 180) % 180).astype(np.uint8)
+        lut_sat = np.clip(x * (gains[1] + 1), 0, 255).astype(np.uint8)
+        lut_val = np.clip(x * (gains[2] + 1), 0, 255).astype(np.uint8)
+        lut_sat[0] = 0
+        lut = np.stack((lut_hue, lut_sat, lut_val), -1).reshape(1, 256, 3)
+        return cv2.cvtColor(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), lut), cv2.COLOR_HSV2RGB)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("hgain", "sgain", "vgain")
@@ -62,8 +64,15 @@ class RandomHSV(A.ImageOnlyTransform):
 class TrainTransform:
     """The training augmentation, configured with Ultralytics' hyper-parameter names.
 
-    Order (as in Ultralytics): 4-image mosaic (prob. ``mosaic``) or letterbox -> copy-paste -> affine (rotation,
-    scale, translation, shear) and perspective -> mixup -> HSV -> vertical / horizontal flips.
+    Order (as Ultralytics 8.4's ``v8_transforms``): a 4-image mosaic on a ``2 * imgsz`` canvas (prob. ``mosaic``) or
+    the letterboxed image -> one warp (rotation, scale, translation, shear, perspective) that cuts the
+    ``imgsz`` x ``imgsz`` sample out of the canvas' centre -> copy-paste -> mixup -> Ultralytics' light extras (blur,
+    median blur, gray, CLAHE at p 0.01) -> HSV -> vertical / horizontal flips.
+
+    The affine acts on the whole mosaic canvas, as Ultralytics' ``RandomPerspective`` (and YOLOX/MMYOLO's
+    ``RandomAffine(border=-imgsz // 2)``) do: zooming out or rotating shows more of the other tiles, not padding, so
+    a mosaic sample carries as many cells as theirs. The canvas and its instance map are warped once each
+    (linear for pixels, nearest for instance ids), so masks move exactly with the pixels.
 
     Args:
         imgsz: output side in px.
@@ -71,7 +80,7 @@ class TrainTransform:
         translate: translation range +- fraction of the image side.
         scale: scale gain range ``1 +- scale``.
         shear: shear range +- deg.
-        perspective: perspective distortion (Ultralytics' units, 0-0.001); mapped to Albumentations' corner jitter.
+        perspective: perspective distortion (Ultralytics' units, 0-0.001).
         flipud: probability of a vertical flip.
         fliplr: probability of a horizontal flip.
         hsv_h: hue gain.
@@ -80,7 +89,10 @@ class TrainTransform:
         mosaic: probability of a 4-image mosaic.
         mixup: probability of blending with a second (augmented) image.
         copy_paste: probability of pasting cells from another image into free background of this one; the number
-            pasted is ``round(copy_paste * n)`` for the n cells of the source image (at least one).
+            pasted is ``round(copy_paste * n)`` for the n cells of the source image (at least one). Pasted cells are
+            scaled by the sample's zoom, so they match the magnification of the cells around them.
+        extras: probability of each of Ultralytics' default light Albumentations (Blur, MedianBlur, ToGray, CLAHE;
+            0.01 as there; 0 turns them off).
     """
 
     def __init__(
@@ -99,49 +111,17 @@ class TrainTransform:
         mosaic: float = 1.0,
         mixup: float = 0.0,
         copy_paste: float = 0.0,
+        extras: float = 0.01,
     ) -> None:
         self.imgsz = imgsz
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+        self.shear, self.perspective = shear, perspective
         self.mosaic_p, self.mixup_p, self.copy_paste_p = mosaic, mixup, copy_paste
         # Shared memory, so that persistent data-loader workers see close_mosaic switch it off.
         self._mosaic_on = multiprocessing.Value("b", mosaic > 0, lock=False)
-        self.mosaic = A.Compose(
-            [
-                A.Mosaic(
-                    grid_yx=(2, 2),
-                    target_size=(imgsz, imgsz),
-                    cell_shape=(imgsz, imgsz),
-                    center_range=(0.25, 0.75),
-                    fit_mode="contain",
-                    fill=PAD_VALUE,
-                    fill_mask=0,
-                    p=1.0,
-                )
-            ]
-        )
-        spatial: list[A.BasicTransform] = []
-        if degrees or translate or scale != 0 or shear:
-            spatial.append(
-                A.Affine(
-                    scale=(1 - scale, 1 + scale),
-                    translate_percent=(-translate, translate),
-                    rotate=(-degrees, degrees),
-                    shear=(-shear, shear),
-                    keep_ratio=True,  # one scale gain for both axes, as Ultralytics
-                    interpolation=cv2.INTER_LINEAR,
-                    mask_interpolation=cv2.INTER_NEAREST,
-                    border_mode=cv2.BORDER_CONSTANT,
-                    fill=PAD_VALUE,
-                    fill_mask=0,
-                    p=1.0,
-                )
-            )
-        if perspective > 0:
-            # Ultralytics moves corners by about perspective * (imgsz/2)^2 px; Albumentations takes a fraction.
-            spatial.append(
-                A.Perspective(scale=(0, min(0.2, perspective * imgsz / 4)), fill=PAD_VALUE, fill_mask=0, p=1.0)
-            )
-        self.spatial = A.Compose(spatial)
         color: list[A.BasicTransform] = []
+        if extras > 0:  # Ultralytics' default Albumentations (image only)
+            color += [A.Blur(p=extras), A.MedianBlur(p=extras), A.ToGray(p=extras), A.CLAHE(p=extras)]
         if hsv_h or hsv_s or hsv_v:
             color.append(RandomHSV(hsv_h, hsv_s, hsv_v))
         if flipud > 0:
@@ -161,43 +141,114 @@ class TrainTransform:
 
     def __call__(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator) -> dict[str, Any]:
         """Augment one loaded sample; ``rng`` is its own random stream (the data set derives it per sample)."""
-        for compose in (self.mosaic, self.spatial, self.color):
-            compose.set_random_seed(int(rng.integers(2**31)))
-        sample = self._base(sample, dataset, rng)
+        self.color.set_random_seed(int(rng.integers(2**31)))
+        sample, gain = self._geometric(sample, dataset, rng)
         if self.copy_paste_p > 0 and rng.random() < self.copy_paste_p and len(dataset) > 1:
             source = dataset.load(int(rng.integers(len(dataset))))
-            sample = copy_paste(sample, letterbox(source, self.imgsz), self.copy_paste_p, rng)
-        sample = self._apply(self.spatial, sample)
+            sample = copy_paste(sample, source, self.copy_paste_p, rng, zoom=gain)
         if self.mixup_p > 0 and rng.random() < self.mixup_p and len(dataset) > 1:
-            other = dataset.load(int(rng.integers(len(dataset))))
-            other = self._apply(self.spatial, self._base(other, dataset, rng))
+            other, _ = self._geometric(dataset.load(int(rng.integers(len(dataset)))), dataset, rng)
             sample = mixup(sample, other, rng)
-        return self._apply(self.color, sample)
-
-    def _base(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator) -> dict[str, Any]:
-        """Mosaic of this sample and three random others, or a plain letterbox."""
-        if not (self.mosaic_enabled and rng.random() < self.mosaic_p and len(dataset) > 1):
-            return letterbox(sample, self.imgsz)
-        others = [dataset.load(int(rng.integers(len(dataset)))) for _ in range(3)]
-        # Instance ids must stay unique across the four tiles: offset each tile's ids past the previous ones.
-        offset = len(sample["classes"])
-        classes = [sample["classes"]]
-        metadata = []
-        for other in others:
-            inst = other["instances"].astype(np.uint16)
-            shifted = np.where(inst > 0, inst + offset, 0).astype(np.uint16)
-            metadata.append({"image": other["image"], "mask": shifted})
-            classes.append(other["classes"])
-            offset += len(other["classes"])
-        out = self.mosaic(image=sample["image"], mask=sample["instances"], mosaic_metadata=metadata)
-        return {**sample, "image": out["image"], "instances": out["mask"], "classes": np.concatenate(classes)}
-
-    @staticmethod
-    def _apply(compose: A.Compose, sample: dict[str, Any]) -> dict[str, Any]:
-        if not compose.transforms:
-            return sample
-        out = compose(image=sample["image"], mask=sample["instances"])
+        out = self.color(image=sample["image"], mask=sample["instances"])
         return {**sample, "image": out["image"], "instances": out["mask"]}
+
+    def _geometric(
+        self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator
+    ) -> tuple[dict[str, Any], float]:
+        """Mosaic canvas (or the image) warped to ``imgsz`` x ``imgsz``; returns the sample and its scale gain."""
+        use_mosaic = self.mosaic_enabled and len(dataset) > 1 and rng.random() < self.mosaic_p
+        if use_mosaic:
+            others = [dataset.load(int(rng.integers(len(dataset)))) for _ in range(3)]
+            sample = mosaic_canvas([sample, *others], self.imgsz, rng)
+        matrix, gain = affine_matrix(
+            sample["image"].shape[:2], self.imgsz, rng, self.degrees, self.translate, self.scale, self.shear,
+            self.perspective,
+        )
+        return warp(sample, matrix, self.imgsz, self.perspective > 0), gain
+
+
+def mosaic_canvas(samples: list[dict[str, Any]], imgsz: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Ultralytics' 4-image mosaic: a ``2 * imgsz`` canvas, the four images around a random centre.
+
+    The centre ``(xc, yc)`` is uniform in ``[imgsz / 2, 3 * imgsz / 2]``; image 0 ends at it top-left, 1 top-right,
+    2 bottom-left, 3 bottom-right (each cut where it leaves the canvas). Instance ids stay unique: each tile's ids
+    are offset past the previous tiles' ones, and ``classes`` are concatenated in the same order.
+    """
+    s = imgsz
+    xc, yc = (int(rng.uniform(s / 2, 3 * s / 2)) for _ in range(2))
+    image = np.full((2 * s, 2 * s, 3), PAD_VALUE, np.uint8)
+    instances = np.zeros((2 * s, 2 * s), np.uint16)
+    classes, offset = [], 0
+    for i, tile in enumerate(samples):
+        h, w = tile["instances"].shape
+        if i == 0:  # top left
+            x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+            x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
+        elif i == 1:  # top right
+            x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, 2 * s), yc
+            x1b, y1b = 0, h - (y2a - y1a)
+        elif i == 2:  # bottom left
+            x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(2 * s, yc + h)
+            x1b, y1b = w - (x2a - x1a), 0
+        else:  # bottom right
+            x1a, y1a, x2a, y2a = xc, yc, min(xc + w, 2 * s), min(2 * s, yc + h)
+            x1b, y1b = 0, 0
+        x2b, y2b = x1b + (x2a - x1a), y1b + (y2a - y1a)
+        image[y1a:y2a, x1a:x2a] = tile["image"][y1b:y2b, x1b:x2b]
+        inst = tile["instances"][y1b:y2b, x1b:x2b].astype(np.uint16)
+        instances[y1a:y2a, x1a:x2a] = np.where(inst > 0, inst + offset, 0)
+        classes.append(tile["classes"])
+        offset += len(tile["classes"])
+    return {**samples[0], "image": image, "instances": instances, "classes": np.concatenate(classes)}
+
+
+def affine_matrix(
+    shape: tuple[int, int],
+    imgsz: int,
+    rng: np.random.Generator,
+    degrees: float = 0.0,
+    translate: float = 0.0,
+    scale: float = 0.0,
+    shear: float = 0.0,
+    perspective: float = 0.0,
+) -> tuple[np.ndarray, float]:
+    """Ultralytics' ``RandomPerspective`` matrix: input of ``shape`` (h, w) -> ``imgsz`` x ``imgsz`` output.
+
+    ``M = T @ S @ R @ P @ C``: centre the input at the origin, perspective, rotation by U(-degrees, degrees) with
+    scale gain U(1 - scale, 1 + scale), shear, then move the centre to ``(0.5 +- translate) * imgsz``. So the
+    output is cut from the middle of the input (the mosaic canvas, or the letterboxed image).
+
+    Returns:
+        ``(M, gain)``: the 3x3 float32 matrix and the scale gain.
+    """
+    h, w = shape
+    C = np.eye(3, dtype=np.float32)
+    C[0, 2], C[1, 2] = -w / 2, -h / 2
+    P = np.eye(3, dtype=np.float32)
+    P[2, 0], P[2, 1] = rng.uniform(-perspective, perspective, 2) if perspective else (0.0, 0.0)
+    R = np.eye(3, dtype=np.float32)
+    angle = rng.uniform(-degrees, degrees) if degrees else 0.0
+    gain = rng.uniform(1 - scale, 1 + scale) if scale else 1.0
+    R[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=gain)
+    S = np.eye(3, dtype=np.float32)
+    if shear:
+        S[0, 1], S[1, 0] = np.tan(rng.uniform(-shear, shear, 2) * np.pi / 180)
+    T = np.eye(3, dtype=np.float32)
+    centre = rng.uniform(0.5 - translate, 0.5 + translate, 2) if translate else np.array([0.5, 0.5])
+    T[0, 2], T[1, 2] = centre * imgsz
+    return T @ S @ R @ P @ C, float(gain)
+
+
+def warp(sample: dict[str, Any], matrix: np.ndarray, imgsz: int, perspective: bool = False) -> dict[str, Any]:
+    """Warp image (linear) and instance map (nearest) of a sample with one matrix to ``imgsz`` x ``imgsz``."""
+    size = (imgsz, imgsz)
+    if perspective:
+        image = cv2.warpPerspective(sample["image"], matrix, size, flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
+        inst = cv2.warpPerspective(sample["instances"], matrix, size, flags=cv2.INTER_NEAREST, borderValue=0)
+    else:
+        image = cv2.warpAffine(sample["image"], matrix[:2], size, flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
+        inst = cv2.warpAffine(sample["instances"], matrix[:2], size, flags=cv2.INTER_NEAREST, borderValue=0)
+    return {**sample, "image": image, "instances": inst}
 
 
 class ValTransform:
@@ -211,19 +262,26 @@ class ValTransform:
 
 
 def copy_paste(
-    sample: dict[str, Any], source: dict[str, Any], fraction: float, rng: np.random.Generator, tries: int = 10
+    sample: dict[str, Any],
+    source: dict[str, Any],
+    fraction: float,
+    rng: np.random.Generator,
+    tries: int = 10,
+    zoom: float = 1.0,
 ) -> dict[str, Any]:
-    """Paste cells of ``source`` into free background of ``sample`` (both letterboxed to the same size).
+    """Paste cells of ``source`` into free background of ``sample``.
 
-    Each chosen source cell is flipped/rotated by a random multiple of 90 deg and placed where its mask overlaps no
-    existing instance (one pixel of margin), trying up to ``tries`` random positions; cells that find no room are
-    not pasted. Pasted cells get new instance ids and keep their class.
+    Each chosen source cell is flipped/rotated by a random multiple of 90 deg, resized by ``zoom`` and placed where
+    its mask overlaps no existing instance (one pixel of margin), trying up to ``tries`` random positions; cells
+    that find no room are not pasted. Pasted cells get new instance ids and keep their class.
 
     Args:
         sample: the image being augmented (``image``, ``instances``, ``classes``).
-        source: another sample of the same size to take cells from.
+        source: another loaded sample (any size) to take cells from.
         fraction: share of the source's cells to try (``copy_paste``); at least one.
         rng: random stream.
+        tries: placements tried per cell.
+        zoom: scale of the pasted cells (the sample's augmentation zoom, so they match their neighbours).
     """
     src_map = source["instances"]
     src_ids = np.unique(src_map)
@@ -246,6 +304,12 @@ def copy_paste(
         patch_mask, patch_img = np.rot90(patch_mask, turns), np.rot90(patch_img, turns)
         if rng.random() < 0.5:
             patch_mask, patch_img = patch_mask[:, ::-1], patch_img[:, ::-1]
+        if zoom != 1.0:
+            size = (max(1, round(patch_mask.shape[1] * zoom)), max(1, round(patch_mask.shape[0] * zoom)))
+            patch_img = cv2.resize(np.ascontiguousarray(patch_img), size, interpolation=cv2.INTER_LINEAR)
+            patch_mask = cv2.resize(patch_mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+            if not patch_mask.any():
+                continue
         ph, pw = patch_mask.shape
         if ph >= h or pw >= w:
             continue

@@ -41,7 +41,7 @@ class ColourCells:
 
 def plain(**kw) -> TrainTransform:
     base = dict(imgsz=SIZE, degrees=0.0, translate=0.0, scale=0.0, flipud=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0,
-                hsv_v=0.0, mosaic=0.0)
+                hsv_v=0.0, mosaic=0.0, extras=0.0)
     return TrainTransform(**{**base, **kw})
 
 
