@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
+from cellseg_pl.cache import CACHE_MODES, ImageCache, available_memory
 from cellseg_pl.dataset import IMAGE_SUFFIXES, Collate, DatasetError, YoloSegDataset, load_dataset_yaml
 from cellseg_pl.scan import ScanResult, scan_split, shared_images
 from cellseg_pl.transforms import TrainTransform, ValTransform
@@ -69,6 +70,9 @@ class CellSegDataModule(L.LightningDataModule):
         mixup: probability of mixing two images.
         copy_paste: probability of pasting cells from another image into free background.
         close_mosaic: turn mosaic off for the last N epochs (0: never).
+        cache: keep decoded, resized images: ``auto`` (in RAM when the train and val images fit half the available
+            memory, shared by this node's processes; else none), ``ram``, ``disk`` (``.npz`` files in
+            ``<dataset folder>/.cellseg_cache``) or ``none`` (see :mod:`cellseg_pl.cache`).
         predict_images: folder of images for the ``predict`` sub-command.
     """
 
@@ -94,6 +98,7 @@ class CellSegDataModule(L.LightningDataModule):
         mixup: float = 0.0,
         copy_paste: float = 0.0,
         close_mosaic: int = 10,
+        cache: str = "auto",
         predict_images: str | None = None,
     ) -> None:
         super().__init__()
@@ -101,6 +106,8 @@ class CellSegDataModule(L.LightningDataModule):
             raise ValueError(f"--data.imgsz: {imgsz} is not a multiple of 32 (the network's largest stride)")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size: must be >= 1, got {batch_size}")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"--data.cache: '{cache}' is not one of {', '.join(CACHE_MODES)}")
         self.save_hyperparameters()
         self.spec = load_dataset_yaml(dataset)
         for split in ("train", "val"):
@@ -113,6 +120,7 @@ class CellSegDataModule(L.LightningDataModule):
         # Shared memory: persistent loader workers read the current epoch from it (augmentation seeds).
         self._epoch = multiprocessing.Value("i", 0, lock=False)
         self._scans: dict[str, ScanResult] = {}
+        self._caches: dict[str, ImageCache] = {}
 
     @property
     def num_classes(self) -> int:
@@ -161,11 +169,25 @@ class CellSegDataModule(L.LightningDataModule):
             )
         return self._scans[split].images
 
+    def _cache(self, split: str) -> ImageCache:
+        """The split's image cache, filled once (in this process, before the loader workers start)."""
+        if split not in self._caches:
+            trainer = self.trainer
+            processes = trainer.num_devices if trainer is not None else 1
+            splits = [s for s in ("train", "val") if self.spec.splits.get(s)]
+            # one budget for the splits that will be cached: each gets its share of half the available memory
+            budget = available_memory() // 2 // max(len(splits), 1)
+            self._caches[split] = ImageCache(
+                self._usable(split), self.hparams.imgsz, self.hparams.cache, self.spec.yaml_path.parent / ".cellseg_cache",
+                processes=processes, budget=budget, split=split,
+            )
+        return self._caches[split]
+
     def _dataset(self, split: str, train: bool) -> YoloSegDataset:
         transform = self.train_transform if train else ValTransform(self.hparams.imgsz)
         return YoloSegDataset(
             self._usable(split), self.num_classes, self.hparams.imgsz, transform, seed=global_seed(),
-            epoch=self._epoch, skip_unreadable=True,
+            epoch=self._epoch, skip_unreadable=True, cache=self._cache(split),
         )
 
     def _sampler(self, dataset: YoloSegDataset, train: bool) -> Sampler | None:

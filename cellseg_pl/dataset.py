@@ -31,6 +31,8 @@ instances are drawn first), exactly as Ultralytics' ``overlap_mask=True`` target
 from __future__ import annotations
 
 import logging
+import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -51,6 +53,10 @@ _SHIFT = 4
 
 class DatasetError(ValueError):
     """A problem with the data set on disk that stops training; the message names the file and the fix."""
+
+
+class ImageTooLargeError(DatasetError):
+    """An image over OpenCV's pixel limit (``CV_IO_MAX_IMAGE_PIXELS``, 2^30 px by default): valid, but not decodable."""
 
 
 @dataclass
@@ -163,12 +169,19 @@ def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:
     """Decode an image file's bytes as :func:`read_image` does (``path`` only names the file in errors).
 
     Raises:
-        DatasetError: the bytes are not a decodable image.
+        DatasetError: the bytes are not a decodable image; :class:`ImageTooLargeError` when the image is over
+            OpenCV's pixel limit.
     """
     data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    # ANYDEPTH|ANYCOLOR keeps 16-bit and gray but, unlike IMREAD_UNCHANGED, applies the EXIF orientation as
-    # cv2.imread (Ultralytics) and the CVAT converter do, so labels and pixels stay aligned for rotated JPEGs
-    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
+    try:
+        # ANYDEPTH|ANYCOLOR keeps 16-bit and gray but, unlike IMREAD_UNCHANGED, applies the EXIF orientation as
+        # cv2.imread (Ultralytics) and the CVAT converter do, so labels and pixels stay aligned for rotated JPEGs
+        img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
+    except cv2.error as e:  # OpenCV raises (instead of returning None) for images over its pixel limit
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
+            raise ImageTooLargeError(_too_large(path, data)) from None
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DatasetError(f"{path}: OpenCV cannot decode the image ({detail}); remove or replace it") from None
     if img is None:
         raise DatasetError(f"{path}: cannot decode the image (corrupt or not an image); remove or replace it")
     if img.dtype != np.uint8:
@@ -182,6 +195,53 @@ def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:
     else:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
+
+
+def _too_large(path: Path | str, data: np.ndarray) -> str:
+    """The message for an image over OpenCV's pixel limit: its size (from the header) and the way out."""
+    limit = os.environ.get("CV_IO_MAX_IMAGE_PIXELS", "")
+    limit = f"{int(limit):,}" if limit.isdigit() else "2^30"
+    size = image_size_from_header(data)
+    what = f"is {size[0]}x{size[1]} px ({size[0] * size[1]:,} px)," if size else "has more pixels than"
+    return (
+        f"{path}: image {what} over OpenCV's limit of {limit} px (CV_IO_MAX_IMAGE_PIXELS); split it into tiles, "
+        f"or set the environment variable CV_IO_MAX_IMAGE_PIXELS higher before starting"
+    )
+
+
+def image_size_from_header(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """``(width, height)`` in px read from a PNG, JPEG, TIFF or BMP file's header (no decoding); None if not found."""
+    try:
+        b = memoryview(data).cast("B")  # (no copy of the file)
+        head = bytes(b[:32])
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if head.startswith(b"BM") and len(head) >= 26:
+            w, h = struct.unpack("<ii", head[18:26])
+            return abs(w), abs(h)
+        if head[:4] in (b"II*\0", b"MM\0*"):
+            e = "<" if head[:2] == b"II" else ">"
+            (ifd,) = struct.unpack(e + "I", b[4:8])
+            (n,) = struct.unpack(e + "H", b[ifd : ifd + 2])
+            tags = {}
+            for k in range(n):
+                tag, kind, _, value = struct.unpack(e + "HHI4s", b[ifd + 2 + 12 * k : ifd + 14 + 12 * k])
+                if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+                    tags[tag] = struct.unpack(e + ("H" if kind == 3 else "I"), value[: 2 if kind == 3 else 4])[0]
+            return (tags[256], tags[257]) if len(tags) == 2 else None
+        if head.startswith(b"\xff\xd8"):
+            i = 2
+            while i + 9 < len(b):
+                if b[i] != 0xFF:
+                    return None
+                marker = b[i + 1]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                    h, w = struct.unpack(">HH", b[i + 5 : i + 9])
+                    return w, h
+                i += 2 + struct.unpack(">H", b[i + 2 : i + 4])[0]
+    except (struct.error, IndexError, ValueError, TypeError):
+        return None
+    return None
 
 
 #: Why :func:`parse_label_line` drops a line (the keys of ``read_label``'s ``skipped`` counts).
@@ -313,6 +373,20 @@ def instance_boxes(instance_map: np.ndarray, min_size: float = 2.0) -> tuple[np.
     return np.asarray(ids, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
+def load_resized(path: Path, imgsz: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read an image (:func:`read_image`) resized so its long side is ``imgsz``; returns it and its original (h, w).
+
+    Ultralytics' ``load_image``: linear interpolation to enlarge, area to shrink.
+    """
+    image = read_image(path)
+    h0, w0 = image.shape[:2]
+    gain = imgsz / max(h0, w0)
+    if gain != 1:
+        interp = cv2.INTER_LINEAR if gain > 1 else cv2.INTER_AREA
+        image = cv2.resize(image, (max(1, round(w0 * gain)), max(1, round(h0 * gain))), interpolation=interp)
+    return image, (h0, w0)
+
+
 def letterbox_params(height: int, width: int, imgsz: int) -> tuple[float, tuple[float, float]]:
     """Gain and (pad_w, pad_h) that fit an image of the given size into ``imgsz`` x ``imgsz``, centred."""
     gain = min(imgsz / height, imgsz / width)
@@ -334,6 +408,8 @@ class YoloSegDataset(torch.utils.data.Dataset):
         skip_unreadable: an image that cannot be read or decoded any more (the files were checked by
             :func:`cellseg_pl.scan.scan_split` before training, so it changed since) is replaced by the next image
             of the list, with a warning naming it, instead of stopping the run with a :class:`DatasetError`.
+        cache: an :class:`cellseg_pl.cache.ImageCache` of these images (``get(index)`` -> what
+            :func:`load_resized` returns, or None), or None to decode every time.
 
     Randomness is a pure function of ``(seed, epoch, index)``: a sample is augmented the same way whichever worker
     loads it, and a run resumed at an epoch boundary sees exactly the samples an uninterrupted run would.
@@ -348,8 +424,10 @@ class YoloSegDataset(torch.utils.data.Dataset):
         seed: int = 0,
         epoch: Any = None,
         skip_unreadable: bool = False,
+        cache: Any = None,
     ) -> None:
         self.images = [Path(p) for p in images]
+        self.cache = cache
         self.num_classes = num_classes
         self.imgsz = imgsz
         self.transform = transform
@@ -369,9 +447,11 @@ class YoloSegDataset(torch.utils.data.Dataset):
         """
         attempts = len(self.images) if self.skip_unreadable else 1
         for step in range(attempts):
-            path = self.images[(index + step) % len(self.images)]
+            i = (index + step) % len(self.images)
+            path = self.images[i]
             try:
-                image = read_image(path)
+                cached = self.cache.get(i) if self.cache is not None else None
+                image, (h0, w0) = cached if cached is not None else load_resized(path, self.imgsz)
                 classes, polygons, _ = read_label(label_path_for(path), self.num_classes)
                 break
             except DatasetError as e:
@@ -379,11 +459,6 @@ class YoloSegDataset(torch.utils.data.Dataset):
                     raise
                 # the scan before training found this file usable: it changed since; keep the run going
                 log.warning("%s (it changed since the scan before training); using the next image instead", e)
-        h0, w0 = image.shape[:2]
-        gain = self.imgsz / max(h0, w0)
-        if gain != 1:
-            interp = cv2.INTER_LINEAR if gain > 1 else cv2.INTER_AREA
-            image = cv2.resize(image, (max(1, round(w0 * gain)), max(1, round(h0 * gain))), interpolation=interp)
         h, w = image.shape[:2]
         instances, order = rasterize(polygons, h, w)
         return {

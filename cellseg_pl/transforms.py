@@ -158,26 +158,56 @@ class TrainTransform:
         """Mosaic canvas (or the image) warped to ``imgsz`` x ``imgsz``; returns the sample and its scale gain."""
         use_mosaic = self.mosaic_enabled and len(dataset) > 1 and rng.random() < self.mosaic_p
         if use_mosaic:
-            others = [dataset.load(int(rng.integers(len(dataset)))) for _ in range(3)]
-            sample = mosaic_canvas([sample, *others], self.imgsz, rng)
+            tiles = [sample, *(dataset.load(int(rng.integers(len(dataset)))) for _ in range(3))]
+            s = self.imgsz
+            centre = (int(rng.uniform(s / 2, 3 * s / 2)), int(rng.uniform(s / 2, 3 * s / 2)))
+            shape = (2 * s, 2 * s)
+        else:
+            shape = sample["image"].shape[:2]
         matrix, gain = affine_matrix(
-            sample["image"].shape[:2], self.imgsz, rng, self.degrees, self.translate, self.scale, self.shear,
-            self.perspective,
+            shape, self.imgsz, rng, self.degrees, self.translate, self.scale, self.shear, self.perspective
         )
+        if use_mosaic:
+            # only the part of the canvas the warp can see is built (a zoomed-in sample sees a fraction of it)
+            region = visible_region(matrix, shape, self.imgsz)
+            sample = mosaic_canvas(tiles, self.imgsz, centre, region)
+            shift = np.eye(3, dtype=np.float32)
+            shift[0, 2], shift[1, 2] = region[0], region[1]
+            matrix = matrix @ shift
         return warp(sample, matrix, self.imgsz, self.perspective > 0), gain
 
 
-def mosaic_canvas(samples: list[dict[str, Any]], imgsz: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Ultralytics' 4-image mosaic: a ``2 * imgsz`` canvas, the four images around a random centre.
+def visible_region(matrix: np.ndarray, shape: tuple[int, int], imgsz: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``: the part of an input of ``shape`` that ``matrix`` maps into the output, plus a margin."""
+    corners = np.array([[0, 0, 1], [imgsz, 0, 1], [0, imgsz, 1], [imgsz, imgsz, 1]], np.float64)
+    src = corners @ np.linalg.inv(matrix.astype(np.float64)).T
+    src = src[:, :2] / src[:, 2:3]
+    h, w = shape
+    x0, y0 = (int(np.clip(np.floor(v) - 2, 0, m)) for v, m in zip(src.min(0), (w, h)))
+    x1, y1 = (int(np.clip(np.ceil(v) + 2, 0, m)) for v, m in zip(src.max(0), (w, h)))
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
-    The centre ``(xc, yc)`` is uniform in ``[imgsz / 2, 3 * imgsz / 2]``; image 0 ends at it top-left, 1 top-right,
-    2 bottom-left, 3 bottom-right (each cut where it leaves the canvas). Instance ids stay unique: each tile's ids
-    are offset past the previous tiles' ones, and ``classes`` are concatenated in the same order.
+
+def mosaic_canvas(
+    samples: list[dict[str, Any]],
+    imgsz: int,
+    centre: tuple[int, int],
+    region: tuple[int, int, int, int] | None = None,
+) -> dict[str, Any]:
+    """Ultralytics' 4-image mosaic: a ``2 * imgsz`` canvas, the four images around ``centre``.
+
+    Ultralytics draws ``centre = (xc, yc)`` uniform in ``[imgsz / 2, 3 * imgsz / 2]``; image 0 ends at it top-left,
+    1 top-right, 2 bottom-left, 3 bottom-right (each cut where it leaves the canvas). Instance ids stay unique:
+    each tile's ids are offset past the previous tiles' ones, and ``classes`` are concatenated in the same order.
+
+    Args:
+        region: ``(x0, y0, x1, y1)``: build only this part of the canvas (its pixel (0, 0) is canvas (x0, y0)).
     """
     s = imgsz
-    xc, yc = (int(rng.uniform(s / 2, 3 * s / 2)) for _ in range(2))
-    image = np.full((2 * s, 2 * s, 3), PAD_VALUE, np.uint8)
-    instances = np.zeros((2 * s, 2 * s), np.uint16)
+    xc, yc = centre
+    rx0, ry0, rx1, ry1 = region if region is not None else (0, 0, 2 * s, 2 * s)
+    image = np.full((ry1 - ry0, rx1 - rx0, 3), PAD_VALUE, np.uint8)
+    instances = np.zeros((ry1 - ry0, rx1 - rx0), np.uint16)
     classes, offset = [], 0
     for i, tile in enumerate(samples):
         h, w = tile["instances"].shape
@@ -193,10 +223,16 @@ def mosaic_canvas(samples: list[dict[str, Any]], imgsz: int, rng: np.random.Gene
         else:  # bottom right
             x1a, y1a, x2a, y2a = xc, yc, min(xc + w, 2 * s), min(2 * s, yc + h)
             x1b, y1b = 0, 0
-        x2b, y2b = x1b + (x2a - x1a), y1b + (y2a - y1a)
-        image[y1a:y2a, x1a:x2a] = tile["image"][y1b:y2b, x1b:x2b]
-        inst = tile["instances"][y1b:y2b, x1b:x2b].astype(np.uint16)
-        instances[y1a:y2a, x1a:x2a] = np.where(inst > 0, inst + offset, 0)
+        # the tile's place on the canvas, cut to the region
+        cx0, cy0, cx1, cy1 = max(x1a, rx0), max(y1a, ry0), min(x2a, rx1), min(y2a, ry1)
+        if cx1 > cx0 and cy1 > cy0:
+            sx, sy = x1b + cx0 - x1a, y1b + cy0 - y1a
+            dst = (slice(cy0 - ry0, cy1 - ry0), slice(cx0 - rx0, cx1 - rx0))
+            image[dst] = tile["image"][sy : sy + cy1 - cy0, sx : sx + cx1 - cx0]
+            inst = tile["instances"][sy : sy + cy1 - cy0, sx : sx + cx1 - cx0]
+            instances[dst] = inst
+            if offset:
+                instances[dst][inst > 0] += offset
         classes.append(tile["classes"])
         offset += len(tile["classes"])
     return {**samples[0], "image": image, "instances": instances, "classes": np.concatenate(classes)}

@@ -144,3 +144,23 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_data):
     dm.set_epoch(1, max_epochs=100)
     c = ds[3]
     assert not (a["img"] == c["img"]).all()
+
+
+def test_mosaic_builds_only_the_visible_canvas_and_warps_it_exactly_as_the_whole_canvas():
+    from cellseg_pl.transforms import affine_matrix, mosaic_canvas, visible_region, warp
+
+    ds = ColourCells()
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        tiles = [ds.load(i) for i in range(4)]
+        centre = tuple(int(v) for v in rng.uniform(SIZE / 2, 3 * SIZE / 2, 2))
+        matrix, _ = affine_matrix((2 * SIZE, 2 * SIZE), SIZE, rng, degrees=180, translate=0.1, scale=0.5)
+        whole = warp(mosaic_canvas(tiles, SIZE, centre), matrix, SIZE)
+        region = visible_region(matrix, (2 * SIZE, 2 * SIZE), SIZE)
+        part = mosaic_canvas(tiles, SIZE, centre, region)
+        shift = np.eye(3, dtype=np.float32)
+        shift[:2, 2] = region[:2]
+        cut = warp(part, matrix @ shift, SIZE)
+        assert part["image"].shape[0] * part["image"].shape[1] <= (2 * SIZE) ** 2
+        np.testing.assert_array_equal(cut["image"], whole["image"])
+        np.testing.assert_array_equal(cut["instances"], whole["instances"])
