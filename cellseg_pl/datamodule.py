@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -53,7 +54,9 @@ class CellSegDataModule(L.LightningDataModule):
         dataset: path to a YOLO-seg ``dataset.yaml`` (keys ``path``, ``train``, ``val``, ``names``).
         imgsz: network input side in px (multiple of 32).
         batch_size: images per batch and per device (Ultralytics' ``batch`` is the total over devices).
-        num_workers: data-loading worker processes per device (Ultralytics' ``workers``).
+        num_workers: data-loading worker processes per device (Ultralytics' ``workers``), or ``auto``: this node's CPU cores
+            divided by its devices, less one for the training process when that leaves more than one, at most 8
+            (2 cores: 2 workers; 16 cores and one GPU: 8).
         mask_ratio: mask targets are computed at ``imgsz / mask_ratio``.
         overlap_mask: one instance map per image as mask target (True), or one mask per instance.
         degrees: rotation range +- deg.
@@ -81,7 +84,7 @@ class CellSegDataModule(L.LightningDataModule):
         dataset: str = "data/demo/dataset.yaml",
         imgsz: int = 640,
         batch_size: int = 16,
-        num_workers: int = 2,
+        num_workers: int | Literal["auto"] = "auto",
         mask_ratio: int = 4,
         overlap_mask: bool = True,
         degrees: float = 0.0,
@@ -106,6 +109,8 @@ class CellSegDataModule(L.LightningDataModule):
             raise ValueError(f"--data.imgsz: {imgsz} is not a multiple of 32 (the network's largest stride)")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size: must be >= 1, got {batch_size}")
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ValueError(f"--data.num_workers: must be 'auto' or an integer >= 0, got {num_workers!r}")
         if cache not in CACHE_MODES:
             raise ValueError(f"--data.cache: '{cache}' is not one of {', '.join(CACHE_MODES)}")
         self.save_hyperparameters()
@@ -199,8 +204,20 @@ class CellSegDataModule(L.LightningDataModule):
             return UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)
         return None
 
+    @property
+    def num_workers(self) -> int:
+        """Loader workers per process: ``--data.num_workers``, with ``auto`` resolved for this node."""
+        workers = self.hparams.num_workers
+        if workers != "auto":
+            return int(workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        share = cores // max(devices, 1)
+        return min(8, share - 1 if share > 2 else share)
+
     def _loader(self, dataset: YoloSegDataset, train: bool, full_masks: bool) -> DataLoader:
         batch_size = self.hparams.batch_size if train else self.hparams.batch_size * 2
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -208,11 +225,11 @@ class CellSegDataModule(L.LightningDataModule):
             # as Ultralytics: every image every epoch (a final batch of one image still gives BatchNorm one value
             # per pixel of each feature map; dropping it cost a tiny data set a fifth of its training)
             drop_last=False,
-            num_workers=self.hparams.num_workers,
+            num_workers=workers,
             collate_fn=Collate(self.hparams.mask_ratio, self.hparams.overlap_mask, full_masks=full_masks),
             pin_memory=torch.cuda.is_available(),
             # forking fresh workers every epoch costs seconds on small CPUs; the mosaic switch is shared memory
-            persistent_workers=self.hparams.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

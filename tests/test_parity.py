@@ -8,13 +8,15 @@
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import fit_args
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import parity_schedule as parity  # noqa: E402
 
 EPOCHS, BATCH, NBS, IMGSZ = 4, 4, 16, 64
 
@@ -27,73 +29,17 @@ def nine_images(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("nine") / "data", n_train=9, n_val=2, size=IMGSZ, seed=3)
 
 
-def record_ultralytics(data, project) -> dict:
-    import ultralytics.engine.trainer as trainer_module
-    from ultralytics import YOLO
-
-    trainer_module.check_amp = lambda *a, **k: True  # (CPU: never reached; its GPU path downloads a model)
-    rows, steps = [], []
-
-    def on_train_start(trainer):
-        step = trainer.optimizer_step
-
-        def counted():
-            steps.append(len(rows))  # (this iteration's row is appended at its batch end)
-            step()
-
-        trainer.optimizer_step = counted
-
-    def on_batch_end(trainer):
-        groups = trainer.optimizer.param_groups
-        rows.append(([g["lr"] for g in groups], groups[0].get("momentum", groups[0].get("betas", [None])[0]),
-                     trainer.accumulate))
-
-    model = YOLO("yolov8n-seg.yaml", task="segment")
-    model.add_callback("on_train_start", on_train_start)
-    model.add_callback("on_train_batch_end", on_batch_end)
-    model.train(data=str(data), epochs=EPOCHS, imgsz=IMGSZ, batch=BATCH, nbs=NBS, workers=0, device="cpu",
-                project=str(project), name="u", exist_ok=True, seed=0, plots=False, val=False, verbose=False,
-                optimizer="auto", mosaic=1.0, close_mosaic=1, amp=False)
-    return {"rows": rows, "steps": steps, "ema_updates": None}
-
-
-def record_cellseg(data, project) -> dict:
-    import lightning as L
-
-    from cellseg_pl.__main__ import configure_environment
-    from cellseg_pl.cli import CellSegCLI
-
-    rows, steps = [], []
-
-    class Recorder(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            opt = module.optimizers().optimizer
-            groups = opt.param_groups
-            rows.append(([g["lr"] for g in groups], groups[0].get("momentum", groups[0].get("betas", [None])[0]),
-                         module._accumulate_now))
-            if module._last_opt_step == batch_idx + trainer.num_training_batches * trainer.current_epoch:
-                steps.append(len(rows) - 1)
-
-    configure_environment()
-    args = fit_args(data, project, "c", EPOCHS, "--data.imgsz", str(IMGSZ), "--data.batch_size", str(BATCH),
-                    "--model.nbs", str(NBS), "--data.close_mosaic", "1")[1:]
-    cli = CellSegCLI(args=args, run=False)
-    cli.trainer.callbacks.append(Recorder())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"rows": rows, "steps": steps, "ema_updates": int(cli.model.ema.updates)}
-
-
 @pytest.mark.slow
 def test_schedule_matches_ultralytics_iteration_by_iteration(nine_images, tmp_path):
-    theirs = record_ultralytics(nine_images, tmp_path / "u")
-    ours = record_cellseg(nine_images, tmp_path / "c")
+    theirs = parity.record_ultralytics(nine_images, tmp_path, EPOCHS, IMGSZ, BATCH, NBS)
+    ours = parity.record_cellseg(nine_images, tmp_path, EPOCHS, IMGSZ, BATCH, NBS)
     assert len(ours["rows"]) == len(theirs["rows"]) == EPOCHS * 3  # 9 images / batch 4: every image every epoch
     for i, ((lr_o, mom_o, acc_o), (lr_u, mom_u, acc_u)) in enumerate(zip(ours["rows"], theirs["rows"])):
         assert lr_o == pytest.approx(lr_u, rel=1e-6, abs=1e-12), i
         assert mom_o == pytest.approx(mom_u), i
         assert acc_o == acc_u, i
     assert ours["steps"] == theirs["steps"]  # the same iterations step the optimizer
-    assert ours["ema_updates"] == len(theirs["steps"])  # one EMA update per optimizer step
+    assert ours["ema_updates"] == theirs["ema_updates"] == len(theirs["steps"])  # one EMA update per step
 
 
 # ------------------------------------------------------------------------------------------ augmentation statistics

@@ -1,0 +1,29 @@
+"""The data module: worker count, every image every epoch, loader settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cellseg_pl.datamodule import CellSegDataModule
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (4, 3), (16, 8)])
+def test_num_workers_auto_fits_the_node(tiny_data, monkeypatch, cores, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert CellSegDataModule(str(tiny_data), num_workers="auto").num_workers == expected
+    assert CellSegDataModule(str(tiny_data), num_workers=3).num_workers == 3
+
+
+def test_bad_num_workers_names_the_flag(tiny_data):
+    with pytest.raises(ValueError, match="--data.num_workers"):
+        CellSegDataModule(str(tiny_data), num_workers=-1)
+
+
+def test_train_loader_keeps_a_final_batch_of_one_image(tiny_data):
+    # 8 training images in batches of 7: Ultralytics trains on all 8 every epoch, so do we
+    dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=7, num_workers=0)
+    dm.setup("fit")
+    sizes = [b["img"].shape[0] for b in dm.train_dataloader()]
+    assert sizes == [7, 1]
