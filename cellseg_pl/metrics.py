@@ -195,8 +195,9 @@ class CellMatchMetrics(Metric):
             unmatched = np.ones(len(kept), dtype=bool)
             unmatched[rows] = False
             scale = area_scale[i] if area_scale is not None else 1.0
-            areas = mask_utils.area(pred_rles) if pred_rles else np.zeros(0)
-            self.fp_small += int((np.asarray(areas)[unmatched] < self.min_area * scale).sum())
+            # areas from the masks, not ``mask_utils.area``: pycocotools 2.0.11 overflows (uint8) from 256 RLEs on
+            areas = pred["masks"].flatten(1).sum(1)[keep].cpu().numpy()
+            self.fp_small += int((areas[unmatched] < self.min_area * scale).sum())
             self.tp += tp
             self.fp += fp
             self.fn += fn

@@ -149,3 +149,67 @@ def test_fast_rle_encoding_equals_pycocotools():
         ref = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"] for m in stack]
         assert ours == ref, trial
         assert [r["counts"] for r in encode_masks(stack, [2, 0])] == [ref[2], ref[0]]
+
+
+# ---------------------------------------------------------------------------------------------- dense images
+
+
+def grid_cells(n: int, side: int, pitch: int, size: int, top: int = 0) -> torch.Tensor:
+    """``n`` square cells of ``side`` px on a grid of ``pitch`` px, from row ``top`` of a ``size`` px image."""
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    per_row = size // pitch
+    for k in range(n):
+        y, x = top + (k // per_row) * pitch, (k % per_row) * pitch
+        masks[k, y : y + side, x : x + side] = True
+    return masks
+
+
+def test_dense_image_with_300_predictions_through_every_metric():
+    """>= 256 detections per image: pycocotools' ``mask.area`` overflows there (uint8 count), so nothing may use it."""
+    cells = grid_cells(300, 8, 12, 256)  # 300 true cells of 64 px
+    droplets = grid_cells(20, 3, 12, 256, top=200)  # 20 unmatched predictions of 9 px
+    gt = target_of(list(cells))
+    pred_masks = torch.cat([cells, droplets])
+    scores = [0.9] * 300 + [0.5] * 20  # the false positives score lowest: AP stays 1
+    pred = as_pred(target_of(list(pred_masks)), scores)
+
+    m = mask_map_metric()
+    m.update([pred], [gt])
+    result = m.compute()
+    assert result["segm_map"].item() == 1.0 and result["bbox_map"].item() == 1.0
+
+    c = CellMatchMetrics(conf=0.25, min_area=20)
+    c.update([pred], [gt])
+    out = {k: float(v) for k, v in c.compute().items()}
+    assert (out["tp"], out["fp"], out["fn"]) == (300, 20, 0)
+    assert out["fp_droplet_sized"] == 20 and out["count_mae"] == 20 and out["mean_matched_iou"] == 1
+
+    assert match(pred_masks, pred["labels"], gt["masks"], gt["labels"])[:3] == (300, 20, 0)
+    assert mask_iou(pred_masks, cells).shape == (320, 300)
+
+
+def test_module_validation_with_300_detections_per_image(tiny_data, monkeypatch):
+    """The module's validation path (postprocess -> both metrics -> logged values) on images with 300 detections."""
+    import lightning as L
+
+    import cellseg_pl.module as module_mod
+    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.module import CellSegModule
+
+    def dense(det, proto, num_classes, conf=0.001, iou=0.7, max_det=300, with_masks=True):
+        size = proto.shape[-1] * 4
+        masks = grid_cells(300, 4, 7, size)
+        boxes = torch.stack([torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+                             for ys, xs in (torch.nonzero(mk, as_tuple=True) for mk in masks)])
+        result = {"boxes": boxes, "scores": torch.linspace(0.9, 0.3, 300), "labels": torch.zeros(300, dtype=torch.long),
+                  "coeffs": torch.zeros(300, 32), "masks": masks}
+        return [dict(result) for _ in range(det.shape[0])]
+
+    monkeypatch.setattr(module_mod, "postprocess", dense)
+    data = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0)
+    model = CellSegModule(num_classes=data.num_classes, class_names=data.class_names)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+    assert metrics["metrics/count_MAE"] > 250  # ~12 cells per image, 300 detections above pr_conf
+    assert metrics["metrics/FP_droplet_sized"] > 0 and 0 <= metrics["metrics/mAP50(M)"] <= 1
