@@ -60,7 +60,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
 from cellseg_pl.coco import CocoError, build_coco, count_reason, mask_to_polygons, polygons_to_mask, reason_lines
-from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, letterbox, read_image
+from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, ImageTooLargeError, letterbox, read_image
 from cellseg_pl.model import ModelError, load_weights, split_outputs
 from cellseg_pl.postprocess import postprocess, to_original
 
@@ -85,7 +85,10 @@ DROPPED = {
     "min_area": "area below --min-area (droplets)",
     "no_outline": "mask too small or thin for a polygon of >= 3 points",
 }
-IMAGE_SKIPS = {"unreadable": "cannot be decoded (corrupt or not an image)"}
+IMAGE_SKIPS = {
+    "unreadable": "cannot be decoded (corrupt or not an image)",
+    "too_large": "over OpenCV's pixel limit (split it into tiles, or raise CV_IO_MAX_IMAGE_PIXELS)",
+}
 NOTES = {
     "parts_dropped": "objects whose mask had several parts: the largest part was kept",
 }
@@ -691,7 +694,8 @@ def predict_folder(
                 batch.append((rel, read_image(path)))
             except (DatasetError, OSError) as err:
                 log.warning("skipped %s: %s", rel, err)
-                summary.count(summary.skipped_images, "unreadable", rel)
+                reason = "too_large" if isinstance(err, ImageTooLargeError) else "unreadable"
+                summary.count(summary.skipped_images, reason, rel)
         detections = predictor.predict([im for _, im in batch])
         for (rel, image), found in zip(batch, detections):
             h, w = image.shape[:2]

@@ -198,7 +198,10 @@ class SelectSummary:
             + (f"; {self.excluded} excluded (already selected)" if self.excluded else ""),
         ]
         if self.unreadable:
-            lines.append(f"skipped {len(self.unreadable)} unreadable images (e.g. {'; '.join(self.unreadable[:3])})")
+            lines.append(
+                f"skipped {len(self.unreadable)} images that cannot be decoded (e.g. {'; '.join(self.unreadable[:3])}; "
+                f"the warnings above say why)"
+            )
         if self.ranked:
             sel = [r.score for r in self.ranked[: len(self.selected)]]
             rest = [r.score for r in self.ranked[len(self.selected) :]]

@@ -423,6 +423,23 @@ def test_unreadable_images_are_skipped_and_counted(weights, tmp_path, capsys):
     one_error_line(code, err, "none of its 2 images could be read")
 
 
+def test_image_over_the_opencv_pixel_limit_is_skipped_and_counted(weights, tmp_path, capsys, caplog):
+    from test_image_limits import huge_png
+
+    root = tmp_path / "images"
+    write_image(root / "a.png", 64, 64, [(30, 30, 10)])
+    (root / "b_slide.png").write_bytes(huge_png(33000, 33000))  # 33000 x 33000 px: over OpenCV's 2^30 px
+    write_image(root / "c.png", 64, 64, [(20, 20, 8)])
+    out = tmp_path / "p.json"
+    code, stdout, err = run_main(capsys, "--model", weights["pt"], "--images", root, "--output", out)
+    assert code == 0, err
+    assert "Traceback" not in err
+    warning = [r.getMessage() for r in caplog.records if "b_slide.png" in r.getMessage()]
+    assert len(warning) == 1 and "33000x33000 px" in warning[0] and "CV_IO_MAX_IMAGE_PIXELS" in warning[0]
+    assert "too_large: 1" in stdout and "b_slide.png" in stdout and "predicted 2 of 3 images" in stdout
+    assert [im["file_name"] for im in json.loads(out.read_text())["images"]] == ["a.png", "c.png"]
+
+
 def test_overwrite(weights, cells, tmp_path, capsys):
     root, _ = cells
     out = tmp_path / "p.json"

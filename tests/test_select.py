@@ -220,3 +220,22 @@ def test_bad_inputs_give_one_error_line(pool, tmp_path, capsys):
         for needle in needles:
             assert needle in lines[0], (needle, lines[0])
     assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+def test_image_over_the_opencv_pixel_limit_is_skipped_and_counted(pool, tmp_path, caplog):
+    import shutil
+
+    from test_image_limits import huge_png
+
+    folder = tmp_path / "pool"
+    shutil.copytree(pool, folder)
+    (folder / "clean" / "slide.png").write_bytes(huge_png(33000, 33000))  # over OpenCV's 2^30 px
+    summary = select_images(DemoCellNet(), folder, 2, tmp_path / "next.txt", imgsz=256)
+    assert summary.unreadable == ["clean/slide.png"]
+    assert sorted(r.file for r in summary.ranked) == sorted(
+        p.relative_to(pool).as_posix() for p in pool.rglob("*.png")
+    )  # every good image of the pool is scored
+    assert summary.selected == ["bad/noisy.png", "bad/blurred.png"]
+    assert "skipped 1 images that cannot be decoded (e.g. clean/slide.png" in summary.format()
+    warning = [r.getMessage() for r in caplog.records if "slide.png" in r.getMessage()]
+    assert len(warning) == 1 and "33000x33000 px" in warning[0] and "CV_IO_MAX_IMAGE_PIXELS" in warning[0]

@@ -1,0 +1,90 @@
+"""Images OpenCV refuses (over its 2^30 px limit): one clear error naming the file, its size and the way out; the
+scan before training skips and counts it and keeps the good images of the folder (issue 12).
+
+A real 33000 x 33000 PNG is not needed: OpenCV checks the size in the header before it decodes anything, so a PNG
+whose IHDR says 33000 x 33000 (a few hundred bytes) takes the same path.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image, image_size_from_header, read_image
+
+
+def huge_png(width: int = 33000, height: int = 33000) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` px, 8-bit gray (only the first rows have data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def write_huge(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(huge_png())
+    return path
+
+
+def test_image_over_the_opencv_limit_names_file_size_and_fix(tmp_path):
+    path = write_huge(tmp_path / "slide.png")
+    with pytest.raises(cv2.error):  # what OpenCV itself does: an exception, not None
+        cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    with pytest.raises(ImageTooLargeError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert isinstance(info.value, DatasetError)  # every caller that handles a bad image handles this one
+    assert message.startswith(f"{path}: image is 33000x33000 px")
+    assert "CV_IO_MAX_IMAGE_PIXELS" in message and "split it into tiles" in message
+    assert "\n" not in message
+
+
+def test_other_opencv_exceptions_become_a_dataset_error(tmp_path, monkeypatch):
+    import cellseg_pl.dataset as dataset_mod
+
+    def refuse(*args, **kwargs):
+        raise cv2.error("OpenCV(5.0.0) loadsave.cpp:1: error: (-2:Unspecified error) something else")
+
+    monkeypatch.setattr(dataset_mod.cv2, "imdecode", refuse)
+    with pytest.raises(DatasetError, match=r"^x\.png: OpenCV cannot decode the image \(.*something else\)") as info:
+        decode_image(b"\x89PNG....", "x.png")
+    assert not isinstance(info.value, ImageTooLargeError)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", ".bmp"])
+def test_size_from_header(suffix):
+    ok, encoded = cv2.imencode(suffix, np.zeros((37, 53, 3), np.uint8))
+    assert ok
+    assert image_size_from_header(encoded) == (53, 37)
+    assert image_size_from_header(encoded.tobytes()) == (53, 37)
+
+
+def test_size_from_header_of_non_images():
+    assert image_size_from_header(huge_png(40000, 30000)) == (40000, 30000)
+    for data in (b"", b"garbage", b"\xff\xd8\xff\xe0\x00\x10", b"II*\0\xff\xff\xff\xff"):
+        assert image_size_from_header(data) is None
+
+
+def test_scan_before_training_skips_and_counts_it(tmp_path):
+    from cellseg_pl.scan import scan_split
+
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    good = []
+    for k in range(2):
+        good.append(folder / f"{k}.png")
+        assert cv2.imwrite(str(good[-1]), np.full((32, 32, 3), 100 + k, np.uint8))
+    huge = write_huge(folder / "slide.png")
+    result = scan_split([good[0], huge, good[1]], 1, "train", tmp_path, log_summary=False)
+    assert result.images == good  # the good images of the folder are kept
+    assert [str(p) for files in result.skipped_images.values() for p in files] == ["images/train/slide.png"]
+    assert "slide.png" in result.summary()
