@@ -139,9 +139,9 @@ def export_model(ckpt: str | Path, output: str | Path, half: bool = False) -> Pa
     if not ckpt.is_file():
         raise ExportError(f"--ckpt: {ckpt} does not exist; give a run's weights/best.ckpt")
     try:
-        net, names, info = load_weights(ckpt)
+        net, names, info = load_weights(ckpt, flag="--ckpt")
     except ModelError as e:
-        raise ExportError(f"--ckpt: {str(e).removeprefix('--model.model: ')}") from None
+        raise ExportError(str(e)) from None
     _check_finite(net, ckpt, half)
 
     output.parent.mkdir(parents=True, exist_ok=True)

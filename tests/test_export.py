@@ -239,6 +239,25 @@ def test_clear_errors(built, tmp_path, monkeypatch, capsys, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_broken_checkpoint_files_are_one_line_naming_the_file(tmp_path, capsys):
+    torch.save({"state_dict": {"w": torch.zeros(10000)}}, tmp_path / "whole.ckpt")
+    data = (tmp_path / "whole.ckpt").read_bytes()
+    files = {
+        "empty.ckpt": (b"", "is empty (0 bytes)"),
+        "cut.ckpt": (data[: len(data) // 2], "is truncated or damaged"),
+        "notes.ckpt": (b"not a checkpoint", "is not a readable cellseg_pl checkpoint"),
+        "whole.ckpt": (data, "is a PyTorch file but not a cellseg_pl checkpoint"),
+        "notes.pt": (b"not a pickle", "is not a readable PyTorch model file"),
+    }
+    for name, (content, problem) in files.items():
+        (tmp_path / name).write_bytes(content)
+        assert main(["export", "--ckpt", str(tmp_path / name), "--output", str(tmp_path / "m.pt")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --ckpt: {tmp_path / name} {problem}"), err
+        assert "--model.model" not in err[0]
+    assert not (tmp_path / "m.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------------ fine-tune
 @pytest.fixture
 def start_weights(monkeypatch) -> dict[str, torch.Tensor]:

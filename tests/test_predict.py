@@ -408,6 +408,21 @@ def test_bad_inputs_give_one_error_line(weights, cells, tmp_path, capsys):
     assert not out.exists() and (tmp_path / "exists.json").read_text() == "{}"
 
 
+def test_broken_weights_files_are_one_line_with_one_flag(weights, cells, tmp_path, capsys):
+    root, _ = cells
+    data = weights["ckpt"].read_bytes()
+    cases = {
+        "garbage.pt": (b"not a pickle", "is not a readable PyTorch model file"),
+        "cut.ckpt": (data[: len(data) // 2], "is truncated or damaged"),
+        "empty.ckpt": (b"", "is empty (0 bytes)"),
+    }
+    for name, (content, problem) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        code, _, err = run_main(capsys, "--model", tmp_path / name, "--images", root, "--output", tmp_path / "p.json")
+        one_error_line(code, err, f"error: --model: {tmp_path / name} {problem}")
+        assert "--model.model" not in err  # one flag: the one the user gave
+
+
 def test_unreadable_images_are_skipped_and_counted(weights, tmp_path, capsys):
     root = tmp_path / "images"
     write_image(root / "good.png", 64, 64, [(30, 30, 10)])
