@@ -355,12 +355,16 @@ def _run_from_checkpoint(path: str) -> tuple[str, str] | None:
     return None
 
 
-def to_cli_args(argv: list[str], cuda_available: bool = False) -> tuple[list[str], list[str]]:
+def to_cli_args(
+    argv: list[str], cuda_available: bool = False, gpu_count: int | None = None
+) -> tuple[list[str], list[str]]:
     """Translate ``yolo segment train`` arguments into ``python -m cellseg_pl fit`` arguments.
 
     Args:
         argv: ``[segment train] key=value ...`` (a leading ``yolo`` is dropped too).
         cuda_available: whether a GPU is there (decides what an unset ``device`` means, as in Ultralytics).
+        gpu_count: the number of CUDA GPUs this machine has: ``device=N`` beyond them is refused here, naming
+            ``device``; None: not checked.
 
     Returns:
         ``(cli_args, notes)``: arguments for :func:`cellseg_pl.__main__.main`, starting with ``fit``, and one line
@@ -413,6 +417,10 @@ def to_cli_args(argv: list[str], cuda_available: bool = False) -> tuple[list[str
     # device -> accelerator/devices; unset: what Ultralytics would pick
     if "device" in given:
         accelerator, devices = given["device"]
+        if accelerator == "gpu" and gpu_count is not None and max(devices) >= gpu_count:
+            text = ",".join(str(d) for d in devices)
+            have = f"{gpu_count} CUDA GPU(s): device=0..{gpu_count - 1}" if gpu_count else "no CUDA GPU"
+            raise YoloArgError(f"device={text}: this machine has {have}; use device=cpu to train on the CPU")
     elif resume:
         accelerator, devices = None, None
     else:
@@ -492,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv else 2
     try:
-        cli, notes = to_cli_args(argv, cuda_available=torch.cuda.is_available())
+        cli, notes = to_cli_args(argv, cuda_available=torch.cuda.is_available(), gpu_count=torch.cuda.device_count())
     except YoloArgError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

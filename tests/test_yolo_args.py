@@ -137,6 +137,25 @@ def test_bad_argument_exits_2_with_one_line(capsys):
     assert err == ["error: epochs=abc: expected a whole number, e.g. epochs=100"]
 
 
+def test_gpu_that_this_machine_does_not_have_is_named():
+    with pytest.raises(YoloArgError, match=r"^device=7: this machine has no CUDA GPU; use device=cpu"):
+        to_cli_args(["data=d.yaml", "device=7"], gpu_count=0)
+    with pytest.raises(YoloArgError, match=r"^device=0,3: this machine has 2 CUDA GPU\(s\): device=0..1"):
+        to_cli_args(["data=d.yaml", "device=0,3"], gpu_count=2)
+    assert options(to_cli_args(["data=d.yaml", "device=1"], gpu_count=2)[0])["--trainer.devices"] == "[1]"
+    assert options(to_cli_args(["data=d.yaml", "device=cpu"], gpu_count=0)[0])["--trainer.accelerator"] == "cpu"
+
+
+def test_gpu_that_this_machine_does_not_have_exits_2_with_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["segment", "train", "data=d.yaml", "device=7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: device=7: this machine has no CUDA GPU; use device=cpu to train on the CPU"]
+
+
 def test_batch_is_divided_over_devices():
     cli, notes = to_cli_args(["batch=16", "device=0,1"])
     o = options(cli)
