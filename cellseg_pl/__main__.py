@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DatasetError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        if not str(e).startswith("--"):  # our checks name the flag first (e.g. the data module's --data.imgsz)
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from cellseg_pl.callbacks import CloseMosaic, ResultsCSV, RunCheckpoint
 from cellseg_pl.datamodule import CellSegDataModule
+from cellseg_pl.model import checkpoint_classes, read_checkpoint
 from cellseg_pl.module import CellSegModule
 from cellseg_pl.plots import ValidationPictures
 
@@ -49,17 +50,72 @@ class UsageError(ValueError):
     """A command-line problem the user can fix; printed as one line."""
 
 
+#: ``--ckpt_path`` values Lightning resolves itself (not file names).
+CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
+
 class SaveFitConfig(SaveConfigCallback):
-    """Write ``config.yaml`` into the run folder for ``fit`` only (validate/test/predict leave the run alone)."""
+    """Write ``config.yaml`` into the run folder for ``fit`` only (validate/test/predict leave the run alone).
+
+    The folders the CLI derives from ``--project/--name`` (``trainer.default_root_dir``, ``checkpoint.dirpath``) are
+    saved empty, so a re-run with ``--config`` (and maybe another ``--name``) derives them anew.
+    """
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
+        if stage != "fit":
+            return
+        config = self.config
+        self.config = config.clone()
+        self.config.trainer.default_root_dir = None
+        self.config.checkpoint.dirpath = None
+        try:
             super().setup(trainer, pl_module, stage)
+        finally:
+            self.config = config
 
 
 def has_run(folder: Path) -> bool:
     """Whether ``folder`` already holds results of a run."""
     return (folder / "weights").exists() or (folder / "results.csv").exists() or (folder / "config.yaml").exists()
+
+
+def remove_failed_fit_files(folder: Path, before: set[Path] | None, top: Path | None = None) -> None:
+    """After a failed ``fit``: remove what it wrote (``config.yaml``, TensorBoard events, pictures) unless it wrote a
+    checkpoint or a ``results.csv`` row (then the run can be resumed or read: everything is kept).
+
+    Args:
+        folder: the run folder.
+        before: the paths under it before the fit started, or None when the fit created it (then it goes too).
+        top: the outermost folder the fit created above ``folder`` (e.g. a new ``--project``); removed if empty.
+    """
+    if not folder.is_dir() or (folder / "results.csv").exists() or any((folder / "weights").glob("*.ckpt")):
+        return
+    created = sorted((p for p in folder.rglob("*") if before is None or p not in before), reverse=True)
+    for path in created:  # deepest first: files, then the folders they were in
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+    if before is None:
+        for parent in (folder, *folder.parents):
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+            if parent == (top or folder):
+                break
+    if created:
+        log.info("the run failed before its first checkpoint: removed what it wrote to %s", folder)
+
+
+def _outermost_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None when ``folder`` exists)."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
 
 
 def next_free_run_dir(folder: Path) -> Path:
@@ -123,9 +179,16 @@ class CellSegCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning replaces ``--model.*`` by the hyper-parameters saved in ``--ckpt_path``; keep the evaluation
+        """Check ``--ckpt_path`` before Lightning reads it (:func:`cellseg_pl.model.read_checkpoint`: one ``error:``
+        line for a missing, empty, truncated or foreign file).
+
+        Lightning replaces ``--model.*`` by the hyper-parameters saved in ``--ckpt_path``; keep the evaluation
         knobs the user gave (NMS thresholds, reporting confidence...), which do not change the trained network."""
         sub = self.config.get("subcommand")
+        self._ckpt_classes: dict[int, str] | None = None
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in CKPT_ALIASES:
+            self._ckpt_classes = checkpoint_classes(read_checkpoint(ckpt, flag="--ckpt_path"))
         kept = {k: self.config[sub]["model"][k] for k in EVAL_KNOBS} if sub else {}
         super()._parse_ckpt_path()
         for key, value in kept.items():
@@ -139,6 +202,8 @@ class CellSegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.project) / cfg.name
+        self._check_imgsz(cfg)
+        self._check_root_dir(cfg, run_dir)
         if self.fitting:
             ckpt = cfg.get("ckpt_path")
             if ckpt is None and os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", 0)) > 0:
@@ -157,13 +222,54 @@ class CellSegCLI(LightningCLI):
                     f"--ckpt_path last: {run_dir / 'weights' / 'last.ckpt'} does not exist; give --project/--name "
                     f"of the run to resume, or a checkpoint path"
                 )
-            elif ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
-                raise UsageError(f"--ckpt_path: {ckpt} does not exist")
+            elif ckpt == "last":
+                last = run_dir / "weights" / "last.ckpt"
+                self._ckpt_classes = checkpoint_classes(read_checkpoint(last, flag="--ckpt_path last"))
         self.run_dir = run_dir
         if self.fitting:
             os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpoint.dirpath = str(run_dir / "weights")
+
+    @staticmethod
+    def _check_imgsz(cfg: Any) -> None:
+        """``--data.imgsz`` 0 or -32 passes the data module's multiple-of-32 check, then fails inside the first batch."""
+        imgsz = cfg.data.get("imgsz")
+        if isinstance(imgsz, int) and imgsz < 32:
+            raise UsageError(f"--data.imgsz: {imgsz} is not a positive multiple of 32 (the network's stride); e.g. 640")
+
+    def _check_root_dir(self, cfg: Any, run_dir: Path) -> None:
+        """Refuse a ``--trainer.default_root_dir`` that is not ``<project>/<name>``: the run folder is named once."""
+        given = cfg.trainer.get("default_root_dir")
+        if given is None or Path(given) == run_dir:
+            return
+        saved_dirpath = cfg.checkpoint.get("dirpath")
+        if saved_dirpath is not None and Path(saved_dirpath) == Path(given) / "weights":
+            # both derived folders of a config.yaml saved by an older version: the folder of the run it came from
+            log.info("the config's trainer.default_root_dir %s is the run it was saved from; using %s", given, run_dir)
+            return
+        raise UsageError(
+            f"--trainer.default_root_dir: {given} is not used; the run folder is <project>/<name> ({run_dir} here): "
+            f"give --project {Path(given).parent} --name {Path(given).name} instead"
+        )
+
+    def after_instantiate_classes(self) -> None:
+        """A ``--ckpt_path`` trained for another class count than the data: one line, before anything is written."""
+        super().after_instantiate_classes()
+        names = getattr(self, "_ckpt_classes", None)
+        if names is None or self.datamodule is None or len(names) == self.datamodule.num_classes:
+            return
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        fix = (
+            f"resume with the data it was trained on, or fine-tune from it: --model.model {cfg.ckpt_path} "
+            f"--model.reinit_head true instead of --ckpt_path"
+            if self.fitting
+            else "give the data set it was trained on (--data.dataset)"
+        )
+        raise UsageError(
+            f"--ckpt_path: {cfg.ckpt_path} has {len(names)} classes {names} but the data ({cfg.data.dataset}) has "
+            f"{self.datamodule.num_classes} {self.datamodule.class_names}; {fix}"
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -183,7 +289,34 @@ class CellSegCLI(LightningCLI):
             kwargs["logger"] = False
         if self.subcommand == "predict":
             kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), self._prediction_writer()]
-        return super().instantiate_trainer(**kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, ImportError) as e:  # accelerator/devices/strategy/precision
+            flags = ", ".join(
+                f"--trainer.{k} {trainer_cfg.get(k)}" for k in ("accelerator", "devices", "strategy", "precision")
+            )
+            import torch
+
+            raise UsageError(
+                f"{flags}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} (this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s); on a CPU-only machine pass --trainer.accelerator cpu)"
+            ) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a ``fit`` that fails before writing any checkpoint leaves no files in its run folder."""
+        if subcommand != "fit":
+            return super()._run_subcommand(subcommand)
+        run_dir = self.run_dir
+        before = set(run_dir.rglob("*")) if run_dir.is_dir() else None
+        top = _outermost_missing(run_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero:
+                remove_failed_fit_files(run_dir, before, top)
+            raise
 
     def _prediction_writer(self) -> Any:
         """The writer of ``predict``: COCO 1.0 JSON for CVAT, as ``predict --images`` writes it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,148 @@ def test_fine_tune_from_a_cellseg_checkpoint(tiny_data, tmp_path):
     assert all(torch.equal(own[k], v) for k, v in source.state_dict().items())  # starts from the EMA weights
     assert main(fit_args(tiny_data, tmp_path, "second", 1, "--model.model", str(ckpt))) == 0
     assert (tmp_path / "second" / "weights" / "last.ckpt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- bad input (issue 12)
+
+
+def error_line(code: int, err: str, *needles: str) -> str:
+    """rc 2, exactly one ``error:`` line (the last), no traceback, naming each needle; returns the line."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert code == 2, err
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt_files(tmp_path_factory) -> dict[str, str]:
+    """What ``--ckpt_path`` may be given: a 1-class and a 2-class checkpoint, and broken files."""
+    from cellseg_pl.module import CellSegModule
+
+    root = tmp_path_factory.mktemp("ckpts")
+    files = {}
+    for nc in (1, 2):
+        module = CellSegModule(num_classes=nc, class_names={i: f"c{i}" for i in range(nc)}, ema=False)
+        files[f"nc{nc}"] = root / f"nc{nc}.ckpt"
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, files[f"nc{nc}"])
+    data = files["nc1"].read_bytes()
+    files["truncated"], files["empty"] = root / "truncated.ckpt", root / "empty.ckpt"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["empty"].write_bytes(b"")
+    files["text"] = root / "notes.ckpt"
+    files["text"].write_text("not a checkpoint\n")
+    files["pickle"] = root / "other.ckpt"
+    torch.save({"model": torch.nn.Linear(1, 1)}, files["pickle"])  # a pickled module: what weights_only refuses
+    files["missing"] = root / "missing.ckpt"
+    return {k: str(v) for k, v in files.items()}
+
+
+def lightning_args(sub: str, data, project, *extra: str) -> list[str]:
+    args = fit_args(data, project, "run", 1, *extra)
+    args[0] = sub
+    if sub == "predict":
+        args += ["--data.predict_images", str(data.parent / "images" / "val")]
+    return args
+
+
+@pytest.mark.parametrize("sub", ["fit", "validate", "predict"])
+def test_bad_ckpt_path_is_one_error_line_naming_the_file(sub, tiny_data, ckpt_files, tmp_path, capsys):
+    cases = {
+        "truncated": "is truncated or damaged",
+        "empty": "is empty (0 bytes)",
+        "text": "is not a readable cellseg_pl checkpoint",
+        "pickle": "holds pickled Python objects",
+        "missing": "does not exist",
+        "nc2": "has 2 classes {0: 'c0', 1: 'c1'} but the data",
+    }
+    for name, problem in cases.items():
+        code = main(lightning_args(sub, tiny_data, tmp_path, "--ckpt_path", ckpt_files[name]))
+        line = error_line(code, capsys.readouterr().err, "--ckpt_path: " + ckpt_files[name], problem)
+        if name == "nc2":
+            assert "has 1 {0: 'cell'}" in line and ("--model.reinit_head" in line) == (sub == "fit")
+        assert not (tmp_path / "run").exists()  # no run folder debris (config.yaml, events)
+
+
+def test_truncated_last_checkpoint_of_a_run_is_named(tiny_data, ckpt_files, tmp_path, capsys):
+    weights = tmp_path / "run" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "last.ckpt").write_bytes(Path(ckpt_files["truncated"]).read_bytes())
+    code = main(fit_args(tiny_data, tmp_path, "run", 1, "--ckpt_path", "last"))
+    error_line(code, capsys.readouterr().err, "--ckpt_path last: ", "weights/last.ckpt is truncated")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.ckpt", "weights"]
+
+
+def test_sizes_and_devices_are_one_error_line(tiny_data, tmp_path, capsys):
+    cases = [
+        ("fit", ["--data.imgsz", "0"], ["--data.imgsz: 0 is not a positive multiple of 32"]),
+        ("validate", ["--data.imgsz", "-32"], ["--data.imgsz: -32 is not a positive multiple of 32"]),
+        ("fit", ["--data.imgsz", "33"], ["--data.imgsz: 33 is not a multiple of 32"]),  # the data module's check
+        ("fit", ["--data.batch_size", "0"], ["--data.batch_size", "0"]),
+        ("fit", ["--trainer.strategy", "no_such_strategy"], ["--trainer.strategy no_such_strategy"]),
+    ]
+    if not torch.cuda.is_available():
+        cases += [
+            ("fit", ["--trainer.accelerator", "cuda"], ["--trainer.accelerator cuda", "--trainer.accelerator cpu"]),
+            ("validate", ["--trainer.accelerator", "gpu", "--trainer.devices", "[7]"], ["--trainer.devices [7]"]),
+        ]
+    for sub, extra, needles in cases:
+        code = main(lightning_args(sub, tiny_data, tmp_path, *extra))
+        error_line(code, capsys.readouterr().err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_root_dir_other_than_the_run_folder_is_refused(tiny_data, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere" / "exp"
+    code = main(fit_args(tiny_data, tmp_path, "run", 1, "--trainer.default_root_dir", str(elsewhere)))
+    error_line(code, capsys.readouterr().err, "--trainer.default_root_dir", str(elsewhere),
+               f"--project {elsewhere.parent} --name exp")
+    assert not elsewhere.exists() and not (tmp_path / "run").exists()
+
+
+def test_default_root_dir_equal_to_the_run_folder_or_from_an_old_config_is_used(tiny_data, tmp_path):
+    from cellseg_pl.cli import CellSegCLI
+
+    same = fit_args(tiny_data, tmp_path, "run", 1, "--trainer.default_root_dir", str(tmp_path / "run"))
+    cli = CellSegCLI(args=same[1:], run=False)
+    assert cli.run_dir == tmp_path / "run" and cli.trainer.default_root_dir == str(tmp_path / "run")
+    # a config.yaml saved by an earlier version holds both derived folders of its own run; re-run under a new name
+    old = tmp_path / "old"
+    args = fit_args(tiny_data, tmp_path, "new", 1, "--trainer.default_root_dir", str(old),
+                    "--checkpoint.dirpath", str(old / "weights"))
+    cli = CellSegCLI(args=args[1:], run=False)
+    assert cli.run_dir == tmp_path / "new" and cli.trainer.default_root_dir == str(tmp_path / "new")
+
+
+def test_failed_fit_before_its_first_checkpoint_leaves_no_run_folder(tiny_data, tmp_path, capsys, monkeypatch):
+    project = tmp_path / "new_project"
+    code = main(fit_args(tiny_data, project, "run", 1, "--trainer.max_epochs", "-1"))  # fails in configure_optimizers
+    error_line(code, capsys.readouterr().err, "--trainer.max_epochs")
+    assert not project.exists()
+
+    def boom(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(CellSegModule, "training_step", boom)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # a folder the user made: kept, with their file
+    with pytest.raises(RuntimeError, match="boom"):
+        main(fit_args(tiny_data, tmp_path, "run", 1))
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]  # no config.yaml, events, pictures
+
+
+def test_failed_fit_files_are_kept_once_a_checkpoint_exists(tmp_path):
+    from cellseg_pl.cli import remove_failed_fit_files
+
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    (run / "config.yaml").write_text("x")
+    (run / "weights" / "last.ckpt").write_bytes(b"x")
+    remove_failed_fit_files(run, None)
+    assert (run / "config.yaml").is_file() and (run / "weights" / "last.ckpt").is_file()
+    (run / "weights" / "last.ckpt").unlink()
+    remove_failed_fit_files(run, {run / "weights"})
+    assert sorted(p.name for p in run.iterdir()) == ["weights"]
