@@ -233,7 +233,7 @@ class CellSegCLI(LightningCLI):
 
     @staticmethod
     def _check_imgsz(cfg: Any) -> None:
-        """``--data.imgsz`` 0 or -32 passes the data module's multiple-of-32 check, then fails inside the first batch."""
+        """``--data.imgsz`` 0 or -32 passes the data module's multiple-of-32 check, then fails in the first batch."""
         imgsz = cfg.data.get("imgsz")
         if isinstance(imgsz, int) and imgsz < 32:
             raise UsageError(f"--data.imgsz: {imgsz} is not a positive multiple of 32 (the network's stride); e.g. 640")
