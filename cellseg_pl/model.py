@@ -50,25 +50,98 @@ def _from_yaml(name: str, num_classes: int) -> nn.Module:
         ) from None
 
 
-def load_ultralytics_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Unpickle an Ultralytics ``.pt`` (trusted files only) and check it holds a segmentation network."""
+def _error(flag: str | None, message: str) -> ModelError:
+    """A :class:`ModelError` whose message starts with the flag that named the file, when there is one."""
+    return ModelError(f"{flag}: {message}" if flag else message)
+
+
+def _load_problem(path: Path, error: Exception, kind: str) -> str:
+    """What is wrong with a file ``torch.load`` failed on, in one line (empty, truncated, pickled objects, other)."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path} is empty (0 bytes), not a {kind}: an interrupted save or copy? use another file"
+    with path.open("rb") as f:
+        head = f.read(4)
+    text = str(error)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return f"{path} is not a readable {kind}: not a file torch.save writes ({type(error).__name__})"
+    if "Weights only load failed" in text:
+        return (
+            f"{path} holds pickled Python objects, which a {kind} never does (an Ultralytics .pt? pass .pt files "
+            f"as --model.model, or predict/select/export --model/--ckpt; load only files you trust)"
+        )
+    detail = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(error).__name__
+    return (
+        f"{path} is truncated or damaged ({size:,} bytes; {detail}): an interrupted save or copy? copy it again, or "
+        f"use the run's other checkpoint (weights/last.ckpt, weights/best.ckpt)"
+    )
+
+
+def _torch_load(path: Path, weights_only: bool, kind: str, flag: str | None) -> Any:
+    """``torch.load`` on the CPU; any failure becomes one :class:`ModelError` line saying what is wrong."""
+    if not path.is_file():
+        raise _error(flag, f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001 - any failure means "not a usable file": say which kind
+        raise _error(flag, _load_problem(path, e, kind)) from None
+
+
+def read_checkpoint(path: str | Path, flag: str | None = None) -> dict[str, Any]:
+    """Read a cellseg_pl (Lightning) ``.ckpt`` without running code (``weights_only=True``) and check what it holds.
+
+    The one reader of cellseg_pl checkpoints: :func:`load_weights` (``--model.model``, ``predict``, ``export``) and
+    the CLI's ``--ckpt_path`` (before Lightning loads it) call it.
+
+    Args:
+        path: the checkpoint file.
+        flag: the option that named it (``--ckpt_path``...), put at the start of error messages.
+
+    Returns:
+        The checkpoint dict; ``hyper_parameters`` holds ``model_yaml`` and ``num_classes``.
+
+    Raises:
+        ModelError: one line naming the file: missing, empty, truncated, pickled objects or not a cellseg_pl checkpoint.
+    """
+    path = Path(path)
+    ckpt = _torch_load(path, True, "cellseg_pl checkpoint", flag)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "model_yaml" not in hp or "num_classes" not in hp or "state_dict" not in ckpt:
+        raise _error(
+            flag,
+            f"{path} is a PyTorch file but not a cellseg_pl checkpoint (no model_yaml/num_classes/state_dict); give a "
+            f"run's weights/best.ckpt or weights/last.ckpt",
+        )
+    return ckpt
+
+
+def checkpoint_classes(ckpt: dict[str, Any]) -> dict[int, str]:
+    """Class index -> name of a checkpoint :func:`read_checkpoint` returned (indices as names when none stored)."""
+    hp = ckpt["hyper_parameters"]
+    names = {int(k): str(v) for k, v in (hp.get("class_names") or {}).items()}
+    return names or {i: str(i) for i in range(int(hp["num_classes"]))}
+
+
+def load_ultralytics_checkpoint(path: str | Path, flag: str | None = None) -> dict[str, Any]:
+    """Unpickle an Ultralytics ``.pt`` (trusted files only) and check it holds a segmentation network.
+
+    ``flag``: the option that named the file, put at the start of error messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(
-            f"--model.model: {path} does not exist (cellseg_pl never downloads weights; give a local .pt, or a "
-            f"model yaml such as yolov8n-seg.yaml to train from scratch)"
+        raise _error(
+            flag,
+            f"{path} does not exist (cellseg_pl never downloads weights; give a local .pt, or a model yaml such as "
+            f"yolov8n-seg.yaml to train from scratch)",
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a model file"
-        raise ModelError(f"--model.model: {path} is not a readable PyTorch model file ({type(e).__name__}: {e})") from None
+    ckpt = _torch_load(path, False, "PyTorch model file", flag)
     net = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(net, nn.Module):
-        raise ModelError(f"--model.model: {path} holds no Ultralytics network (no 'model' or 'ema' entry)")
+        raise _error(flag, f"{path} holds no Ultralytics network (no 'model' or 'ema' entry)")
     from ultralytics.nn.tasks import SegmentationModel
 
     if not isinstance(net, SegmentationModel):
-        raise ModelError(f"--model.model: {path} is a {type(net).__name__}, not a segmentation model (-seg)")
+        raise _error(flag, f"{path} is a {type(net).__name__}, not a segmentation model (-seg)")
     return ckpt
 
 
@@ -101,12 +174,10 @@ def build_network(
         net = SegmentationModel(deepcopy(model_yaml), nc=num_classes, verbose=False)
     elif str(model).endswith((".pt", ".ckpt")):
         if str(model).endswith(".pt"):
-            ckpt = load_ultralytics_checkpoint(model)
+            ckpt = load_ultralytics_checkpoint(model, flag="--model.model")
             src, origin = (ckpt.get("ema") or ckpt.get("model")).float(), ckpt.get("date", "no date")
         else:  # a cellseg_pl run: its EMA weights, read without unpickling code
-            if not Path(model).is_file():
-                raise ModelError(f"--model.model: {model} does not exist")
-            src, _, info = load_weights(model)
+            src, _, info = load_weights(model, flag="--model.model")
             origin = f"a cellseg_pl run, imgsz {info.get('imgsz')}"
         src_nc = int(src.model[-1].nc)
         if src_nc != num_classes and not reinit_head:
@@ -259,7 +330,14 @@ def _chunked_segmentation_loss_class() -> type:
     from ultralytics.utils.ops import xyxy2xywh
 
     class ChunkedSegmentationLoss(v8SegmentationLoss):
-        """Same loss as ``v8SegmentationLoss`` (8.4), with memory independent of the number of cells per image."""
+        """Same loss as ``v8SegmentationLoss`` (8.4), with memory independent of the number of cells per image.
+
+        An image whose positive anchors times mask pixels stay under ``DIRECT_ELEMENTS`` (32 MB per float32
+        temporary, two kept for the backward pass; e.g. 1,300 anchors at imgsz 320, 320 at 640, about 10 per cell)
+        takes Ultralytics' own per-image loss, which is faster there; denser images take :class:`CroppedMaskLoss`.
+        """
+
+        DIRECT_ELEMENTS = 1 << 23
 
         def calculate_segmentation_loss(
             self, fg_mask, masks, target_gt_idx, target_bboxes, batch_idx, proto, pred_masks, imgsz
@@ -275,8 +353,16 @@ def _chunked_segmentation_loss_class() -> type:
             ):
                 if fg_mask_i.any():
                     gt = masks[i] if self.overlap else masks[batch_idx.view(-1) == i]
+                    idx = target_gt_idx_i[fg_mask_i]
+                    if int(fg_mask_i.sum()) * mask_h * mask_w <= self.DIRECT_ELEMENTS:
+                        # few anchors: Ultralytics' own per-image loss is faster and its tensors are small
+                        gt_mask = (gt == (idx + 1).view(-1, 1, 1)).float() if self.overlap else gt[idx]
+                        loss += self.single_mask_loss(
+                            gt_mask, pred_masks_i[fg_mask_i], proto_i, mxyxy_i[fg_mask_i], marea_i[fg_mask_i]
+                        )
+                        continue
                     loss += CroppedMaskLoss.apply(
-                        pred_masks_i[fg_mask_i], proto_i, gt, target_gt_idx_i[fg_mask_i], mxyxy_i[fg_mask_i],
+                        pred_masks_i[fg_mask_i], proto_i, gt, idx, mxyxy_i[fg_mask_i],
                         marea_i[fg_mask_i], self.overlap, torch.is_grad_enabled(),
                     )
                 else:  # (as Ultralytics: every output takes part in the graph, for DDP)
@@ -336,46 +422,49 @@ def save_ultralytics_checkpoint(
     torch.save(ckpt, path)
 
 
-def load_weights(path: str | Path) -> tuple[nn.Module, dict[int, str], dict[str, Any]]:
+def load_weights(path: str | Path, flag: str | None = None) -> tuple[nn.Module, dict[int, str], dict[str, Any]]:
     """Load a network for inference or export from a cellseg_pl ``.ckpt`` or an Ultralytics ``.pt``.
 
-    A Lightning ``.ckpt`` is read with ``torch.load(weights_only=True)`` (no code runs) and gives the EMA weights
-    when the run kept an EMA (the weights validation scored); an Ultralytics ``.pt`` is a pickle: trusted files only.
+    A Lightning ``.ckpt`` is read with :func:`read_checkpoint` (``torch.load(weights_only=True)``: no code runs) and
+    gives the EMA weights when the run kept an EMA (the weights validation scored); an Ultralytics ``.pt`` is a
+    pickle: trusted files only. ``flag``: the option that named the file, put at the start of error messages.
 
     Returns:
         ``(net, class_names, info)``: the network in float32 eval mode, index -> name, and ``info`` with
         ``imgsz`` (training input size, when known), ``data`` (the training ``dataset.yaml``, when known),
         ``hparams`` (the run's model and data settings, or the ``.pt``'s ``train_args``) and ``source``
         (``ckpt`` or ``pt``).
+
+    Raises:
+        ModelError: one line naming the file and what is wrong with it.
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path} does not exist")
+        raise _error(flag, f"{path} does not exist")
     if path.suffix == ".ckpt":
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure means "not a cellseg_pl checkpoint"
-            raise ModelError(f"{path} is not a readable cellseg_pl checkpoint ({type(e).__name__}: {e})") from None
-        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-        if "model_yaml" not in hp or "state_dict" not in ckpt:
-            raise ModelError(f"{path} is not a cellseg_pl checkpoint (no model_yaml / state_dict)")
+        ckpt = read_checkpoint(path, flag)
+        hp = ckpt["hyper_parameters"]
         names = {int(k): str(v) for k, v in (hp.get("class_names") or {}).items()}
         net = build_network("", int(hp["num_classes"]), names or None, model_yaml=hp["model_yaml"])
         state = ckpt["state_dict"]
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
-        net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        try:
+            net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as e:  # weights that do not fit the network its own model_yaml describes
+            first = str(e).strip().splitlines()[0]
+            raise _error(flag, f"{path}: its weights do not fit the network it describes ({first})") from None
         data_hp = ckpt.get("datamodule_hyper_parameters") or {}
         hparams = {k: v for k, v in {**hp, **data_hp}.items() if k not in ("model_yaml", "_instantiator")}
         info = {"imgsz": data_hp.get("imgsz"), "data": data_hp.get("dataset"), "hparams": hparams, "source": "ckpt"}
     elif path.suffix == ".pt":
-        ckpt = load_ultralytics_checkpoint(path)
+        ckpt = load_ultralytics_checkpoint(path, flag)
         net = (ckpt.get("ema") or ckpt.get("model")).float()
         names = {int(k): str(v) for k, v in dict(getattr(net, "names", {}) or {}).items()}
         train_args = ckpt.get("train_args") or {}
         hparams = dict(train_args)
         info = {"imgsz": hparams.get("imgsz"), "data": hparams.get("data"), "hparams": hparams, "source": "pt"}
     else:
-        raise ModelError(f"{path}: expected a cellseg_pl .ckpt or an Ultralytics .pt")
+        raise _error(flag, f"{path}: expected a cellseg_pl .ckpt or an Ultralytics .pt")
     if not names:
         names = {i: str(i) for i in range(int(net.model[-1].nc))}
     net.names = names

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cellseg_pl.dataset import Collate, YoloSegDataset
-from cellseg_pl.model import CroppedMaskLoss, attach_loss, build_network
+from cellseg_pl.model import CroppedMaskLoss, _chunked_segmentation_loss_class, attach_loss, build_network
 from cellseg_pl.transforms import ValTransform
 
 
@@ -42,6 +42,7 @@ def dense_batch(tmp_path, n_cells: int = 60, size: int = 128, images: int = 2) -
 @pytest.mark.parametrize("overlap", [True, False])
 def test_chunked_mask_loss_equals_ultralytics(tmp_path, monkeypatch, overlap):
     monkeypatch.setattr(CroppedMaskLoss, "CHUNK_ELEMENTS", 1 << 13)  # many chunks even at 128 px
+    monkeypatch.setattr(_chunked_segmentation_loss_class(), "DIRECT_ELEMENTS", 0)  # every image chunked
     torch.manual_seed(0)
     net = build_network("yolov8n-seg.yaml", 1)
     batch = Collate(4, overlap_mask=overlap)(dense_batch(tmp_path))
@@ -63,7 +64,8 @@ def test_chunked_mask_loss_equals_ultralytics(tmp_path, monkeypatch, overlap):
         torch.testing.assert_close(gc, gu, rtol=1e-5, atol=1e-6 * float(gu.abs().max()))
 
 
-def test_chunked_mask_loss_without_grad_and_without_cells(tmp_path):
+def test_chunked_mask_loss_without_grad_and_without_cells(tmp_path, monkeypatch):
+    monkeypatch.setattr(_chunked_segmentation_loss_class(), "DIRECT_ELEMENTS", 0)
     torch.manual_seed(0)
     net = build_network("yolov8n-seg.yaml", 1)
     samples = dense_batch(tmp_path, n_cells=12, size=64)
@@ -83,8 +85,9 @@ def test_chunked_mask_loss_without_grad_and_without_cells(tmp_path):
     assert parts["seg_loss"] == 0
 
 
-def test_chunked_mask_loss_under_autocast(tmp_path):
+def test_chunked_mask_loss_under_autocast(tmp_path, monkeypatch):
     """Mixed precision: the chunked loss computes in float32 and returns gradients in the inputs' dtype."""
+    monkeypatch.setattr(_chunked_segmentation_loss_class(), "DIRECT_ELEMENTS", 0)
     torch.manual_seed(0)
     net = build_network("yolov8n-seg.yaml", 1)
     batch = Collate(4)(dense_batch(tmp_path, n_cells=30))
@@ -101,3 +104,24 @@ def test_chunked_mask_loss_under_autocast(tmp_path):
     for gc, gu, x in zip(grads_c, grads_u, inputs):
         assert gc.dtype == x.dtype == torch.bfloat16
         assert float((gc.float() - gu.float()).abs().max()) < 0.02 * float(gu.float().abs().max())
+
+
+def test_sparse_images_take_ultralytics_path_dense_ones_the_chunked_one(tmp_path, monkeypatch):
+    """Below ``DIRECT_ELEMENTS`` (anchors x mask pixels) an image takes Ultralytics' own loss (faster there)."""
+    torch.manual_seed(0)
+    net = build_network("yolov8n-seg.yaml", 1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sparse = dense_batch(tmp_path / "a", n_cells=3)[:1]
+    dense = dense_batch(tmp_path / "b", n_cells=60)[:1]
+    batch = Collate(4)(sparse + dense)
+    batch["img"] = batch["img"].float() / 255
+    preds = net(batch["img"])
+    reference = attach_loss(net, chunked_mask_loss=False)(preds, batch)[1]["seg_loss"]
+    calls = []
+    real_apply = CroppedMaskLoss.apply
+    monkeypatch.setattr(CroppedMaskLoss, "apply", lambda *a: calls.append(a[0].shape[0]) or real_apply(*a))
+    monkeypatch.setattr(_chunked_segmentation_loss_class(), "DIRECT_ELEMENTS", 200 * 32 * 32)
+    parts = attach_loss(net, chunked_mask_loss=True)(preds, batch)[1]
+    assert len(calls) == 1 and calls[0] > 200  # only the dense image went through the chunked loss
+    torch.testing.assert_close(parts["seg_loss"], reference, rtol=1e-5, atol=0)
