@@ -176,3 +176,118 @@ class RunCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._last_epoch_saved = state_dict.get("last_epoch_saved", -1)
+
+
+class ConsoleReport(L.Callback):
+    """One line per validated epoch (epochs 1-based: ``12/40``) and a summary at the end of ``fit``.
+
+    The line: training losses, mask precision, recall, mAP50, mAP50-95 and F1 (at ``--model.pr_conf``). The summary:
+    the best epoch and its metrics, the time taken, the run folder and the files in it.
+
+    Args:
+        run_dir: the run folder (named in the summary).
+    """
+
+    METRICS = (("P", "metrics/precision(M)"), ("R", "metrics/recall(M)"), ("mAP50", "metrics/mAP50(M)"),
+               ("mAP50-95", "metrics/mAP50-95(M)"), ("F1", "metrics/F1(M)"))
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._start = None
+        self._best: tuple[float, int, dict[str, float]] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or "fitness" not in trainer.callback_metrics:
+            return
+        m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
+        epoch = trainer.current_epoch + 1
+        losses = " ".join(
+            f"{name} {m[key]:.3f}" for name in ("box", "seg", "cls", "dfl")
+            if (key := f"train/{name}_loss") in m and m[key] is not None
+        )
+        scores = " ".join(f"{name} {m[key]:.3f}" for name, key in self.METRICS if m.get(key) is not None)
+        log.info("epoch %d/%d  %s  |  mask %s", epoch, trainer.max_epochs, losses or "-", scores)
+        fitness = m.get("fitness")
+        if fitness is not None and (self._best is None or fitness > self._best[0]):
+            self._best = (fitness, epoch, {name: m[key] for name, key in self.METRICS if m.get(key) is not None})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self._start is None:
+            return
+        minutes = (time.monotonic() - self._start) / 60
+        done = trainer.current_epoch  # (epochs completed)
+        log.info("%d epoch(s) completed in %.1f min", done, minutes)
+        if self._best is not None:
+            fitness, epoch, metrics = self._best
+            scores = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+            log.info("best epoch %d (fitness %.4f): mask %s", epoch, fitness, scores)
+        files = [p.relative_to(self.run_dir).as_posix() for p in sorted(self.run_dir.glob("weights/*"))
+                 if not p.name.startswith(".")]
+        files += [name for name in ("results.csv", "results.png", "config.yaml") if (self.run_dir / name).exists()]
+        log.info("results saved to %s: %s", self.run_dir, ", ".join(files))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self._best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        best = state_dict.get("best")
+        self._best = tuple(best) if best is not None else None
+
+
+class UltralyticsWeights(L.Callback):
+    """``weights/best.pt`` and ``weights/last.pt`` in Ultralytics' format, beside the Lightning checkpoints.
+
+    So every command of the lab's guide works on a run folder unchanged (``yolo segment val model=.../best.pt``,
+    ``predict_simple_circles.py --model .../best.pt``, ``cp .../best.pt models/v2.pt``). ``best.pt`` is written
+    after each epoch that wrote a new ``best.ckpt`` (the same EMA weights, float16 as Ultralytics saves them; ~0.1 s
+    for yolov8s), ``last.pt`` at the end of ``fit``. Files are written under a temporary name and renamed into place.
+
+    Args:
+        weights_dir: the run's ``weights`` folder.
+        train_args: recorded as the file's ``train_args`` (``data``, ``imgsz``, ...: what ``yolo val`` reads).
+    """
+
+    def __init__(self, weights_dir: str | Path, train_args: dict[str, Any] | None = None) -> None:
+        self.weights_dir = Path(weights_dir)
+        self.train_args = dict(train_args or {})
+        self._best_path: str | None = None
+        self._best_score: float | None = None
+
+    def _save(self, pl_module: L.LightningModule, name: str, epoch: int) -> None:
+        from cellseg_pl.model import save_ultralytics_checkpoint
+
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        target = self.weights_dir / name
+        tmp = self.weights_dir / f".partial-{os.getpid()}-{name}"
+        save_ultralytics_checkpoint(pl_module.eval_net, tmp, pl_module.class_names,
+                                    {**self.train_args, "epochs_trained": epoch})
+        os.replace(tmp, target)
+
+    def _refresh_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not trainer.is_global_zero or checkpoint is None or not checkpoint.best_model_path:
+            return
+        score = _number(checkpoint.best_model_score)
+        if checkpoint.best_model_path != self._best_path or score != self._best_score:
+            # best.ckpt was (re)written at the end of the epoch just finished, from these very weights (no step since)
+            self._save(pl_module, "best.pt", trainer.current_epoch)
+            self._best_path, self._best_score = checkpoint.best_model_path, score
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # (Lightning runs checkpoint callbacks after all others: best.ckpt of epoch N is known at N+1's start)
+        self._refresh_best(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._refresh_best(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._save(pl_module, "last.pt", trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_path": self._best_path, "best_score": self._best_score}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._best_path = state_dict.get("best_path")
+        self._best_score = state_dict.get("best_score")

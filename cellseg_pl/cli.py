@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cellseg_pl.callbacks import CloseMosaic, ResultsCSV, RunCheckpoint
+from cellseg_pl.callbacks import CloseMosaic, ConsoleReport, ResultsCSV, RunCheckpoint, UltralyticsWeights
 from cellseg_pl.datamodule import CellSegDataModule
 from cellseg_pl.model import checkpoint_classes, read_checkpoint
 from cellseg_pl.module import CellSegModule
@@ -202,7 +202,6 @@ class CellSegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(cfg.project) / cfg.name
-        self._check_imgsz(cfg)
         self._check_root_dir(cfg, run_dir)
         if self.fitting:
             ckpt = cfg.get("ckpt_path")
@@ -230,13 +229,6 @@ class CellSegCLI(LightningCLI):
             os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpoint.dirpath = str(run_dir / "weights")
-
-    @staticmethod
-    def _check_imgsz(cfg: Any) -> None:
-        """``--data.imgsz`` 0 or -32 passes the data module's multiple-of-32 check, then fails in the first batch."""
-        imgsz = cfg.data.get("imgsz")
-        if isinstance(imgsz, int) and imgsz < 32:
-            raise UsageError(f"--data.imgsz: {imgsz} is not a positive multiple of 32 (the network's stride); e.g. 640")
 
     def _check_root_dir(self, cfg: Any, run_dir: Path) -> None:
         """Refuse a ``--trainer.default_root_dir`` that is not ``<project>/<name>``: the run folder is named once."""
@@ -279,11 +271,17 @@ class CellSegCLI(LightningCLI):
             user_callbacks = trainer_cfg.get("callbacks") or []
             if not isinstance(user_callbacks, list):
                 user_callbacks = [user_callbacks]
+            data_cfg = self._get(self.config, "data", default={})
+            train_args = {"data": str(Path(data_cfg.get("dataset")).resolve()) if data_cfg.get("dataset") else None,
+                          "imgsz": data_cfg.get("imgsz"), "project": str(self.run_dir.parent),
+                          "name": self.run_dir.name}
             kwargs["callbacks"] = [
                 *user_callbacks,
                 ResultsCSV(self.run_dir / "results.csv"),
                 ValidationPictures(self.run_dir),  # after ResultsCSV: redraws results.png from the row just written
                 CloseMosaic(),
+                UltralyticsWeights(self.run_dir / "weights", train_args),
+                ConsoleReport(self.run_dir),  # after the weights: its summary lists them
             ]
         elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False

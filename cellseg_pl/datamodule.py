@@ -10,6 +10,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
@@ -19,6 +20,14 @@ from cellseg_pl.scan import ScanResult, scan_split, shared_images
 from cellseg_pl.transforms import TrainTransform, ValTransform
 
 log = logging.getLogger(__name__)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Each loader worker decodes and warps on one thread: OpenCV's own thread pool in every worker would fight
+    the training process and the other workers for the cores (as Ultralytics, ``cv2.setNumThreads(0)``)."""
+    import cv2
+
+    cv2.setNumThreads(0)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -105,8 +114,8 @@ class CellSegDataModule(L.LightningDataModule):
         predict_images: str | None = None,
     ) -> None:
         super().__init__()
-        if imgsz % 32:
-            raise ValueError(f"--data.imgsz: {imgsz} is not a multiple of 32 (the network's largest stride)")
+        if imgsz < 32 or imgsz % 32:
+            raise ValueError(f"--data.imgsz: {imgsz} is not a positive multiple of 32 (the network's largest stride)")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size: must be >= 1, got {batch_size}")
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -143,7 +152,7 @@ class CellSegDataModule(L.LightningDataModule):
         close = self.hparams.close_mosaic
         enabled = self.hparams.mosaic > 0 and not (close and max_epochs > 0 and epoch >= max_epochs - close)
         if enabled != self.train_transform.mosaic_enabled:
-            log.info("epoch %d: mosaic %s", epoch, "on" if enabled else "off (close_mosaic)")
+            log.info("mosaic %s from epoch %d", "on" if enabled else "off (close_mosaic)", epoch + 1)
         self.train_transform.mosaic_enabled = enabled
 
     def setup(self, stage: str) -> None:
@@ -152,6 +161,8 @@ class CellSegDataModule(L.LightningDataModule):
         Bad images and label lines are skipped and counted in one logged summary per split; a fatal problem (a
         class index beyond ``names``, unreadable files, ...) raises :class:`DatasetError` naming the file and line.
         """
+        if stage == "fit":
+            self._share_cpu()
         test = "test" if self.spec.splits.get("test") else "val"
         for split in {"fit": ("train", "val"), "validate": ("val",), "test": (test,)}.get(stage, ()):
             self._usable(split)
@@ -162,6 +173,19 @@ class CellSegDataModule(L.LightningDataModule):
                     "%d val image(s) also in train (same bytes), e.g. %s = %s: validation metrics overestimate",
                     len(shared), *shared[0],
                 )
+
+    def _share_cpu(self) -> None:
+        """Training on the CPU: leave a core to each loader worker (``torch`` threads = cores per process - workers,
+        at least 1). Ultralytics trains on ``cores - 1`` threads; more threads than free cores make the training
+        step several times slower, not faster, while the workers decode."""
+        trainer = self.trainer
+        if trainer is None or not isinstance(trainer.accelerator, CPUAccelerator):
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // max(trainer.num_devices, 1) - self.num_workers)
+        if threads < torch.get_num_threads():
+            log.info("CPU training: %d torch thread(s) per process, %d loader worker(s)", threads, self.num_workers)
+            torch.set_num_threads(threads)
 
     def _is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -230,6 +254,7 @@ class CellSegDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             # forking fresh workers every epoch costs seconds on small CPUs; the mosaic switch is shared memory
             persistent_workers=workers > 0,
+            worker_init_fn=_worker_init if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -194,7 +194,7 @@ def test_sizes_and_devices_are_one_error_line(tiny_data, tmp_path, capsys):
     cases = [
         ("fit", ["--data.imgsz", "0"], ["--data.imgsz: 0 is not a positive multiple of 32"]),
         ("validate", ["--data.imgsz", "-32"], ["--data.imgsz: -32 is not a positive multiple of 32"]),
-        ("fit", ["--data.imgsz", "33"], ["--data.imgsz: 33 is not a multiple of 32"]),  # the data module's check
+        ("fit", ["--data.imgsz", "33"], ["--data.imgsz: 33 is not a positive multiple of 32"]),  # the data module's check
         ("fit", ["--data.batch_size", "0"], ["--data.batch_size", "0"]),
         ("fit", ["--trainer.strategy", "no_such_strategy"], ["--trainer.strategy no_such_strategy"]),
     ]
