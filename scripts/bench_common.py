@@ -1,0 +1,247 @@
+"""What the benchmarks share: one trainer run per subprocess (Ultralytics' or cellseg_pl's) and one evaluator.
+
+Used by ``bench_vs_ultralytics.py`` (demo data) and ``bench_real_cells.py`` (HeLa nuclei or a CVAT zip).
+
+* :func:`run_ultralytics` / :func:`run_cellseg` train one model with the same recipe and knobs (read from an
+  ``argparse.Namespace``: ``data`` (dataset.yaml), ``model``, ``epochs``, ``imgsz``, ``batch``, ``nbs``,
+  ``workers``, ``device``, ``precision``, ``seed``, optional ``close_mosaic``) and time every epoch. Call each
+  in a fresh process (:func:`spawn`): both trainers set global state (seeds, threads, Ultralytics' settings).
+* :func:`evaluate` predicts a split once, through cellseg_pl's prediction path, at conf 0.001, and scores the
+  detections with one evaluator: COCO mask mAP (faster_coco_eval, maxDets 300) and one-to-one cell matching at
+  IoU 0.5 (:class:`cellseg_pl.metrics.CellMatchMetrics`) at one confidence and over a sweep of confidences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+#: The lab guide's augmentation recipe, given to both trainers.
+RECIPE = {"degrees": 180.0, "scale": 0.5, "flipud": 0.5, "fliplr": 0.5, "mosaic": 1.0, "copy_paste": 0.3,
+          "close_mosaic": 10, "translate": 0.1, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4}
+
+
+def recipe(a: argparse.Namespace) -> dict:
+    """:data:`RECIPE`, with ``close_mosaic`` from ``a.close_mosaic`` when ``a`` has one that is not None."""
+    close = getattr(a, "close_mosaic", None)
+    return {**RECIPE, **({"close_mosaic": close} if close is not None else {})}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+def run_ultralytics(a: argparse.Namespace, out: Path, name: str = "ultralytics") -> dict:
+    """Train with ``ultralytics.YOLO(...).train`` into ``out/name``; returns epoch times and the weight files."""
+    import ultralytics.engine.trainer as trainer_module
+    from ultralytics import YOLO
+
+    trainer_module.check_amp = lambda *args, **kwargs: True  # its AMP check downloads a model; we are offline
+    out = Path(out).resolve()  # Ultralytics puts a relative project under runs/segment/
+    times: dict[str, list[float]] = {"train": [], "val": []}
+    marks: dict[str, float] = {}
+
+    def mark(event):
+        def callback(_):
+            marks[event] = time.perf_counter()
+            if event == "train_end":
+                times["train"].append(marks["train_end"] - marks["train_start"])
+            elif event == "fit_end" and len(times["val"]) < len(times["train"]):  # not again at the final eval
+                times["val"].append(marks["fit_end"] - marks["train_end"])
+                print(f"[ultralytics] epoch {len(times['val'])}/{a.epochs}: train {times['train'][-1]:.1f} s, "
+                      f"val {times['val'][-1]:.1f} s", flush=True)
+
+        return callback
+
+    model = YOLO(a.model, task="segment")
+    for event, label in (("on_train_epoch_start", "train_start"), ("on_train_epoch_end", "train_end"),
+                         ("on_fit_epoch_end", "fit_end")):
+        model.add_callback(event, mark(label))
+    device = "cpu" if a.device == "cpu" else a.device
+    model.train(
+        data=a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, workers=a.workers, device=device,
+        project=str(out), name=name, exist_ok=True, seed=getattr(a, "seed", 0), deterministic=True, plots=False,
+        patience=a.epochs, optimizer="auto", nbs=a.nbs, amp=a.device != "cpu", verbose=False, **recipe(a),
+    )
+    weights = out / name / "weights"
+    return {"train_s": times["train"], "val_s": times["val"], "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.pt"), "best": str(weights / "best.pt")}
+
+
+def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl") -> dict:
+    """Train with cellseg_pl's CLI (``configs/demo.yaml`` overridden by the same knobs) into ``out/name``."""
+    import lightning as L
+
+    from cellseg_pl.__main__ import configure_environment
+    from cellseg_pl.cli import CellSegCLI
+
+    configure_environment()
+    times: dict[str, list[float]] = {"train": [], "val": []}
+
+    class Timer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self.v0 = time.perf_counter()
+            if not trainer.sanity_checking and hasattr(self, "t0"):
+                times["train"].append(self.v0 - self.t0)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                times["val"].append(time.perf_counter() - self.v0)
+                print(f"[cellseg_pl] epoch {len(times['val'])}/{a.epochs}: train {times['train'][-1]:.1f} s, "
+                      f"val {times['val'][-1]:.1f} s", flush=True)
+
+    accelerator, devices = ("cpu", "1") if a.device == "cpu" else ("gpu", str(len(a.device.split(","))))
+    args = [
+        "--config", str(REPO / "configs" / "demo.yaml"), "--project", str(out), "--name", name,
+        "--model.model", a.model, "--model.nbs", str(a.nbs), "--model.optimizer", "auto",
+        "--data.dataset", a.data, "--data.imgsz", str(a.imgsz), "--data.batch_size", str(a.batch),
+        "--data.num_workers", str(a.workers), "--trainer.max_epochs", str(a.epochs),
+        "--trainer.accelerator", accelerator, "--trainer.devices", devices, "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.precision", a.precision or ("32-true" if a.device == "cpu" else "16-mixed"),
+        "--early_stopping.patience", str(a.epochs), "--seed_everything", str(getattr(a, "seed", 0)),
+    ]
+    for key, value in recipe(a).items():
+        args += [f"--data.{key}", str(value)]
+    cli = CellSegCLI(args=args, run=False)
+    cli.trainer.callbacks.append(Timer())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    weights = Path(cli.run_dir) / "weights"
+    return {"train_s": times["train"], "val_s": times["val"], "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.ckpt"), "best": str(weights / "best.ckpt")}
+
+
+def spawn(cmd: list[str], log_file: Path) -> dict:
+    """Run ``cmd`` (a worker process) from the repository root, its output streamed into ``log_file``.
+
+    Returns:
+        ``returncode``, ``wall_s``, ``cpu_s`` (user + system CPU seconds of the process and the children it waited
+        for, e.g. data-loader workers: less sensitive to other load than wall time) and the 1-minute load average
+        before and after (``load_before``, ``load_after``).
+    """
+    load_before = os.getloadavg()[0]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True).returncode
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    return {"returncode": code, "wall_s": wall, "cpu_s": cpu, "load_before": load_before,
+            "load_after": os.getloadavg()[0]}
+
+
+# ------------------------------------------------------------------------------------------------ evaluator
+def _boxes(masks):
+    """``(n, 4)`` float32 xyxy pixel boxes (x1/y1 exclusive) of a ``(n, H, W)`` bool tensor of non-empty masks."""
+    import numpy as np
+    import torch
+
+    m = masks.numpy()
+    n, h, w = m.shape
+    if not n:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    rows, cols = m.any(2), m.any(1)
+    xyxy = np.stack([cols.argmax(1), rows.argmax(1), w - cols[:, ::-1].argmax(1), h - rows[:, ::-1].argmax(1)], 1)
+    return torch.from_numpy(xyxy.astype(np.float32))
+
+
+def evaluate(weights: str, data: str, imgsz: int, split: str = "val", conf: float = 0.25,
+             sweep: tuple[float, ...] = ()) -> dict:
+    """Predict one split of a dataset.yaml once and score it with one evaluator.
+
+    The network runs once per image at conf 0.001 (NMS IoU 0.7, 300 detections, masks at the original
+    resolution, images letterboxed to ``imgsz`` as in training); the matching metrics at a confidence keep
+    the detections scoring at least that much.
+
+    Args:
+        weights: an Ultralytics ``.pt`` or a cellseg_pl ``.ckpt``.
+        data: the YOLO-seg ``dataset.yaml``; ground truth is its label files.
+        split: ``train``, ``val`` or ``test``.
+        conf: operating point of the matching metrics.
+        sweep: further confidences at which F1/precision/recall are computed (from the same predictions).
+
+    Returns:
+        ``mAP50(M)``, ``mAP50-95(M)`` (COCO, maxDets 300); at ``conf`` and IoU 0.5: ``F1@0.5``, ``P@0.5``,
+        ``R@0.5``, ``AP_dsb@0.5`` (TP/(TP+FP+FN)), ``mean_matched_IoU``, ``count_MAE`` (mean absolute count error
+        per image); ``sweep``: ``{conf: {"F1", "P", "R"}}``; ``images``.
+    """
+    from cellseg_pl.dataset import load_dataset_yaml, read_image
+    from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric
+    from cellseg_pl.model import load_weights
+    from cellseg_pl.predict import Predictor
+
+    net, names, _ = load_weights(weights)
+    predictor = Predictor(net, len(names), imgsz=imgsz, conf=0.001, iou=0.7, max_det=300, tile="off")
+    spec = load_dataset_yaml(data)
+    if not spec.splits.get(split):
+        raise ValueError(f"{data}: the '{split}' split has no images")
+    confs = sorted({conf, *sweep})
+    mean_ap = mask_map_metric()
+    cells = {c: CellMatchMetrics(conf=c) for c in confs}
+    paths = spec.splits[split]
+    for start in range(0, len(paths), predictor.batch_size):
+        chunk = paths[start : start + predictor.batch_size]
+        images = [read_image(path) for path in chunk]
+        for path, image, found in zip(chunk, images, predictor.predict(images)):
+            _score_image(path, image, found, len(names), mean_ap, cells)
+    m = mean_ap.compute()
+    at = {c: {k: float(v) for k, v in metric.compute().items()} for c, metric in cells.items()}
+    main = at[conf]
+    return {
+        "mAP50(M)": float(m["segm_map_50"]), "mAP50-95(M)": float(m["segm_map"]),
+        "F1@0.5": main["f1"], "P@0.5": main["precision"], "R@0.5": main["recall"], "AP_dsb@0.5": main["ap_cell"],
+        "mean_matched_IoU": main["mean_matched_iou"], "count_MAE": main["count_mae"],
+        "sweep": {c: {"F1": at[c]["f1"], "P": at[c]["precision"], "R": at[c]["recall"]} for c in sweep},
+        "images": len(spec.splits[split]),
+    }
+
+
+def _score_image(path: Path, image, found: list, num_classes: int, mean_ap, cells: dict) -> None:
+    """Add one image's detections (``cellseg_pl.predict.Instance`` list) and its label file to the metrics."""
+    import numpy as np
+    import torch
+
+    from cellseg_pl.dataset import label_path_for, rasterize, read_label
+
+    h, w = image.shape[:2]
+    classes, polygons, _ = read_label(label_path_for(path), num_classes)
+    inst, order = rasterize(polygons, h, w)
+    ids = [k + 1 for k in range(len(order)) if (inst == k + 1).any()]
+    gt_masks = torch.from_numpy(np.stack([inst == k for k in ids]) if ids else np.zeros((0, h, w), bool))
+    gt_labels = torch.as_tensor([int(classes[order[k - 1]]) for k in ids], dtype=torch.long)
+    found = [d for d in found if d.area > 0]
+    pred_masks = torch.from_numpy(np.stack([d.full_mask(h, w) for d in found]) if found else np.zeros((0, h, w), bool))
+    pred = {"masks": pred_masks, "boxes": torch.tensor([d.box for d in found], dtype=torch.float32).view(-1, 4),
+            "scores": torch.tensor([d.score for d in found]),
+            "labels": torch.tensor([d.label for d in found], dtype=torch.long)}
+    target = {"masks": gt_masks, "boxes": _boxes(gt_masks), "labels": gt_labels}
+    mean_ap.update([pred], [target])
+    for c, metric in cells.items():  # handed only what it keeps: it costs per detection handed
+        keep = pred["scores"] >= c
+        metric.update([{k: v[keep] for k, v in pred.items()}], [target])
+
+
+def score(weights: str, data: str, imgsz: int, split: str = "val") -> dict:
+    """``mAP50(M)``, ``mAP50-95(M)`` and ``F1``/``P``/``R@0.5`` at conf 0.25 of one split (see :func:`evaluate`)."""
+    result = evaluate(weights, data, imgsz, split)
+    return {k: result[k] for k in ("mAP50(M)", "mAP50-95(M)", "F1@0.5", "P@0.5", "R@0.5")}
