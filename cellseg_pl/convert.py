@@ -57,6 +57,7 @@ from cellseg_pl.coco import (
     unsafe_path_reason,
     validate_polygon,
 )
+from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ ANNOTATION_SKIPS = {
 IMAGE_SKIPS = {
     "missing_file": "file in neither the zip nor --images-dir",
     "corrupt_image": "bytes that cannot be read or that OpenCV cannot decode",
+    "too_large": "over OpenCV's pixel limit (2^30 px): tile it, or raise CV_IO_MAX_IMAGE_PIXELS",
     "size_mismatch": "decoded size differs from width/height in the JSON",
     "invalid_file_name": "file_name empty, not a string, or escaping its folder ('..', absolute path)",
     "duplicate_image_id": "image id listed twice in one annotation file (the first is kept)",
@@ -499,8 +501,18 @@ def _read_checked_image(cz: CocoZip, img: _Image) -> tuple[str | None, bytes | N
     if found is None:
         return "missing_file", None, None
     data, _ = found
-    # IMREAD_COLOR applies EXIF rotation, like cv2.imread in the training loaders
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    try:
+        # IMREAD_COLOR applies EXIF rotation, like cv2.imread in the training loaders
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error:  # OpenCV raises (instead of returning None) for an image over its pixel limit
+        try:
+            decode_image(data, img.record["file_name"])  # the message that names its size and the fix
+        except ImageTooLargeError as err:
+            logger.warning("%s", err)
+            return "too_large", None, None
+        except DatasetError as err:
+            logger.warning("%s", err)
+        return "corrupt_image", None, None
     if decoded is None:
         return "corrupt_image", None, None
     shape = (int(decoded.shape[0]), int(decoded.shape[1]))

@@ -53,6 +53,7 @@ from cellseg_pl.dataset import (
     TOO_FEW_POINTS,
     UNKNOWN_CLASS,
     DatasetError,
+    ImageTooLargeError,
     decode_image,
     label_path_for,
     parse_label_line,
@@ -68,10 +69,11 @@ EXAMPLES = 3
 
 # reasons an image is skipped
 CORRUPT = "corrupt"
+TOO_LARGE = "over OpenCV's pixel limit"
 TRUNCATED = "truncated"
 MISSING = "missing"
 DUPLICATE = "duplicate"
-_IMAGE_REASONS = [CORRUPT, TRUNCATED, MISSING, DUPLICATE]
+_IMAGE_REASONS = [CORRUPT, TOO_LARGE, TRUNCATED, MISSING, DUPLICATE]
 _LINE_REASONS = [NOT_A_NUMBER, ODD_COUNT, TOO_FEW_POINTS]
 
 
@@ -205,6 +207,9 @@ def _check(path: Path, num_classes: int, show: _Display) -> _Checked:
     else:
         try:
             decode_image(data, path)
+        except ImageTooLargeError as e:
+            log.warning("%s", e)  # (its size and the way out: tile it, or raise CV_IO_MAX_IMAGE_PIXELS)
+            out.skip = TOO_LARGE
         except DatasetError:
             out.skip = CORRUPT
     if out.skip:

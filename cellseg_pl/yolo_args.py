@@ -135,6 +135,15 @@ def _resume(key: str, text: str) -> bool | str:
     return text
 
 
+def _cache(key: str, text: str) -> str:
+    value = {"true": "ram", "ram": "ram", "disk": "disk", "false": "none", "none": "none", "auto": "auto"}.get(
+        text.strip().lower()
+    )
+    if value is None:
+        raise YoloArgError(f"{key}={text}: expected True, ram, disk or False, e.g. {key}=ram")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     def parse(key: str, text: str) -> str:
         if text.lower() not in allowed:
@@ -200,7 +209,12 @@ TABLE: tuple[YoloArg, ...] = (
         "the CPU (as Ultralytics)",
         simple=False,
     ),
-    YoloArg("workers", "--data.num_workers", _int, "per device, as Ultralytics"),
+    YoloArg("workers", "--data.num_workers", _int, "per device, as Ultralytics; unset: `auto` (cores per device)"),
+    YoloArg(
+        "cache", "--data.cache", _cache,
+        "`True`/`ram` -> `ram`, `disk` -> `disk`, `False` -> `none`; unset: `auto` (RAM when the images fit half "
+        "the free memory, Ultralytics: no cache)",
+    ),
     YoloArg("project", "--project", _str, "the run goes to `<project>/<name>`"),
     YoloArg(
         "name", "--name", _str, "an existing run folder is never reused: the run goes to `<name>2`, ... as in Ultralytics"

@@ -87,4 +87,32 @@ def test_scan_before_training_skips_and_counts_it(tmp_path):
     result = scan_split([good[0], huge, good[1]], 1, "train", tmp_path, log_summary=False)
     assert result.images == good  # the good images of the folder are kept
     assert [str(p) for files in result.skipped_images.values() for p in files] == ["images/train/slide.png"]
+    assert list(result.skipped_images) == ["over OpenCV's pixel limit"]  # its own reason, not "corrupt"
     assert "slide.png" in result.summary()
+
+
+def test_convert_skips_and_counts_an_image_over_the_limit_and_writes_the_others(tmp_path):
+    import json
+    import zipfile
+
+    from cellseg_pl.convert import convert_coco_zip
+
+    good = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
+    square = [10.0, 10.0, 40.0, 10.0, 40.0, 40.0, 10.0, 40.0]
+    coco = {
+        "images": [{"id": i + 1, "file_name": f"{n}.png", "width": w, "height": w}
+                   for i, (n, w) in enumerate([("a", 64), ("b", 64), ("c", 64), ("big", 33000)])],
+        "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "segmentation": [square],
+                         "area": 900.0, "bbox": [10, 10, 30, 30], "iscrowd": 0} for i in range(4)],
+        "categories": [{"id": 1, "name": "cell"}],
+    }
+    zpath = tmp_path / "export.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("annotations/instances_default.json", json.dumps(coco))
+        for n in "abc":
+            zf.writestr(f"images/default/{n}.png", good)
+        zf.writestr("images/default/big.png", huge_png())
+    summary = convert_coco_zip(zpath, tmp_path / "out")
+    written = sorted(p.name for p in (tmp_path / "out" / "images").rglob("*.png"))
+    assert written == ["a.png", "b.png", "c.png"]
+    assert summary.skipped_images.get("too_large") == 1

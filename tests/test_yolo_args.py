@@ -273,3 +273,14 @@ def test_tiny_run_through_the_script(tiny_data, tmp_path, monkeypatch, capsys, r
     assert config["early_stopping"]["patience"] == 20 and config["model"]["lr0"] == 0.0005
     assert config["seed_everything"] == 0 and config["trainer"]["deterministic"] == "warn"
     assert "running: python -m cellseg_pl fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, expected", [("True", "ram"), ("ram", "ram"), ("disk", "disk"), ("False", "none")])
+def test_cache_maps_to_data_cache(given, expected):
+    args, _ = to_cli_args(["segment", "train", "data=x.yaml", f"cache={given}"])
+    assert args[args.index("--data.cache") + 1] == expected
+
+
+def test_bad_cache_value_is_named():
+    with pytest.raises(YoloArgError, match="cache=gpu"):
+        to_cli_args(["segment", "train", "data=x.yaml", "cache=gpu"])
