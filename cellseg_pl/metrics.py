@@ -196,7 +196,7 @@ class CellMatchMetrics(Metric):
             unmatched[rows] = False
             scale = area_scale[i] if area_scale is not None else 1.0
             # areas from the masks, not ``mask_utils.area``: pycocotools 2.0.11 overflows (uint8) from 256 RLEs on
-            areas = pred["masks"].flatten(1).sum(1)[keep].cpu().numpy()
+            areas = pred["masks"][keep].flatten(1).sum(1).cpu().numpy()  # (the kept masks only)
             self.fp_small += int((areas[unmatched] < self.min_area * scale).sum())
             self.tp += tp
             self.fp += fp
