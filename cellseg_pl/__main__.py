@@ -52,6 +52,15 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        # through tqdm, so a line never lands in the middle of a progress bar (the bar is redrawn below it)
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
 
 def configure_environment() -> None:
     """Keep Ultralytics offline and quiet, and send our library logs to stderr."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
@@ -291,3 +291,18 @@ class UltralyticsWeights(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._best_path = state_dict.get("best_path")
         self._best_score = state_dict.get("best_score")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with epochs counted from 1, as ``results.csv``, the plots and the console lines."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # Lightning 2.6's own hook, with the description 1-based (set before the bar is first drawn)
+        from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset()
+        self.train_progress_bar.total = convert_inf(self.total_train_batches)
+        self.train_progress_bar.initial = 0
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")

@@ -26,12 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cellseg_pl.callbacks import CloseMosaic, ConsoleReport, ResultsCSV, RunCheckpoint, UltralyticsWeights
+from cellseg_pl.callbacks import (
+    CloseMosaic,
+    ConsoleReport,
+    ProgressBar,
+    ResultsCSV,
+    RunCheckpoint,
+    UltralyticsWeights,
+)
 from cellseg_pl.datamodule import CellSegDataModule
 from cellseg_pl.model import checkpoint_classes, read_checkpoint
 from cellseg_pl.module import CellSegModule
@@ -283,6 +290,10 @@ class CellSegCLI(LightningCLI):
                 UltralyticsWeights(self.run_dir / "weights", train_args),
                 ConsoleReport(self.run_dir),  # after the weights: its summary lists them
             ]
+            if trainer_cfg.get("enable_progress_bar") in (None, True) and not any(
+                isinstance(c, TQDMProgressBar) for c in user_callbacks
+            ):
+                kwargs["callbacks"].append(ProgressBar())
         elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False
         if self.subcommand == "predict":

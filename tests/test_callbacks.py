@@ -40,3 +40,15 @@ def test_fit_writes_ultralytics_weights_and_a_readable_console(tiny_data, tmp_pa
     metrics = model.val(data=str(tiny_data), imgsz=128, batch=4, device="cpu", plots=False, verbose=False,
                         project=str(tmp_path / "val"), name="v")
     assert 0.0 <= metrics.seg.map50 <= 1.0
+
+
+def test_progress_bar_counts_epochs_from_one_and_log_lines_stay_off_it(tiny_data, tmp_path, capsys):
+    args = [a if a != "false" or prev != "--trainer.enable_progress_bar" else "true"
+            for prev, a in zip([None, *fit_args(tiny_data, tmp_path, "bar", 1)], fit_args(tiny_data, tmp_path, "bar", 1))]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    err = captured.err
+    bars = captured.out + captured.err  # (Lightning draws its bars on stdout)
+    assert "Epoch 1/1" in bars and "Epoch 0" not in bars
+    # our log lines start on a line of their own (written through tqdm), never glued to a bar
+    assert re.search(r"^epoch 1/1 ", err, re.MULTILINE)
