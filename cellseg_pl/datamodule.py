@@ -63,9 +63,9 @@ class CellSegDataModule(L.LightningDataModule):
         dataset: path to a YOLO-seg ``dataset.yaml`` (keys ``path``, ``train``, ``val``, ``names``).
         imgsz: network input side in px (multiple of 32).
         batch_size: images per batch and per device (Ultralytics' ``batch`` is the total over devices).
-        num_workers: data-loading worker processes per device (Ultralytics' ``workers``), or ``auto``: this node's CPU cores
-            divided by its devices, less one for the training process when that leaves more than one, at most 8
-            (2 cores: 2 workers; 16 cores and one GPU: 8).
+        num_workers: data-loading worker processes per device (Ultralytics' ``workers``), or ``auto``: this node's
+            CPU cores divided by its devices, less one for the training process when that leaves more than one, at
+            most 8 (2 cores: 2 workers; 16 cores and one GPU: 8).
         mask_ratio: mask targets are computed at ``imgsz / mask_ratio``.
         overlap_mask: one instance map per image as mask target (True), or one mask per instance.
         degrees: rotation range +- deg.
@@ -207,8 +207,8 @@ class CellSegDataModule(L.LightningDataModule):
             # one budget for the splits that will be cached: each gets its share of half the available memory
             budget = available_memory() // 2 // max(len(splits), 1)
             self._caches[split] = ImageCache(
-                self._usable(split), self.hparams.imgsz, self.hparams.cache, self.spec.yaml_path.parent / ".cellseg_cache",
-                processes=processes, budget=budget, split=split,
+                self._usable(split), self.hparams.imgsz, self.hparams.cache,
+                self.spec.yaml_path.parent / ".cellseg_cache", processes=processes, budget=budget, split=split,
             )
         return self._caches[split]
 

@@ -115,7 +115,8 @@ def schedule(
     """Set every group's lr (and momentum) for iteration ``ni`` of ``epoch``; return the accumulation to use.
 
     During the first ``nw`` iterations the bias lr falls from ``warmup_bias_lr`` and the other lrs rise from 0 to
-    their scheduled value, SGD's momentum rises from ``warmup_momentum``, and accumulation ramps from 1 to ``accumulate``.
+    their scheduled value, SGD's momentum rises from ``warmup_momentum``, and accumulation ramps from 1 to
+    ``accumulate``.
     """
     factor = lr_factor(epoch, epochs, lrf, cos_lr)
     acc = accumulate
