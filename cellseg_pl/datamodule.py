@@ -80,7 +80,11 @@ class CellSegDataModule(L.LightningDataModule):
         hsv_v: value jitter gain (fraction).
         mosaic: probability of a 4-image mosaic.
         mixup: probability of mixing two images.
-        copy_paste: probability of pasting cells from another image into free background.
+        copy_paste: copy-paste strength (Ultralytics' ``copy_paste``): the share of eligible cells pasted as
+            mirrored copies (``flip``), or the probability of pasting cells of another image (``free``).
+        copy_paste_mode: ``flip`` (Ultralytics' default and algorithm: mirrored copies of the sample's own cells
+            that overlap existing ones by under 30 %, before the warp) or ``free`` (cells of another image, rotated
+            and scaled to the sample's zoom, into background they do not touch).
         close_mosaic: turn mosaic off for the last N epochs (0: never).
         cache: keep decoded, resized images: ``auto`` (in RAM when the train and val images fit half the available
             memory, shared by this node's processes; else none), ``ram``, ``disk`` (``.npz`` files in
@@ -109,6 +113,7 @@ class CellSegDataModule(L.LightningDataModule):
         mosaic: float = 1.0,
         mixup: float = 0.0,
         copy_paste: float = 0.0,
+        copy_paste_mode: Literal["flip", "free"] = "flip",
         close_mosaic: int = 10,
         cache: str = "auto",
         predict_images: str | None = None,
@@ -129,7 +134,7 @@ class CellSegDataModule(L.LightningDataModule):
                 raise DatasetError(f"--data.dataset: {dataset}: the '{split}' split has no images")
         self.train_transform = TrainTransform(
             imgsz, degrees, translate, scale, shear, perspective, flipud, fliplr, hsv_h, hsv_s, hsv_v, mosaic, mixup,
-            copy_paste,
+            copy_paste, copy_paste_mode=copy_paste_mode,
         )
         # Shared memory: persistent loader workers read the current epoch from it (augmentation seeds).
         self._epoch = multiprocessing.Value("i", 0, lock=False)

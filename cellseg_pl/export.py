@@ -44,7 +44,7 @@ _TRAIN_ARG_NAMES = (
     "model", "imgsz", "optimizer", "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
     "warmup_bias_lr", "cos_lr", "nbs", "box", "cls", "dfl", "overlap_mask", "mask_ratio", "degrees", "translate",
     "scale", "shear", "perspective", "flipud", "fliplr", "hsv_h", "hsv_s", "hsv_v", "mosaic", "mixup", "copy_paste",
-    "close_mosaic",
+    "copy_paste_mode", "close_mosaic",
 )
 
 

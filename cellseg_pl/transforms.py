@@ -25,9 +25,12 @@ import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 
-from cellseg_pl.dataset import PAD_VALUE, letterbox
+from cellseg_pl.dataset import PAD_VALUE, instance_boxes, letterbox
 
 log = logging.getLogger(__name__)
+
+#: ``copy_paste_mode`` values (see :class:`TrainTransform`).
+COPY_PASTE_MODES = ("flip", "free")
 
 
 class RandomHSV(A.ImageOnlyTransform):
@@ -65,9 +68,9 @@ class TrainTransform:
     """The training augmentation, configured with Ultralytics' hyper-parameter names.
 
     Order (as Ultralytics 8.4's ``v8_transforms``): a 4-image mosaic on a ``2 * imgsz`` canvas (prob. ``mosaic``) or
-    the letterboxed image -> one warp (rotation, scale, translation, shear, perspective) that cuts the
-    ``imgsz`` x ``imgsz`` sample out of the canvas' centre -> copy-paste -> mixup -> Ultralytics' light extras (blur,
-    median blur, gray, CLAHE at p 0.01) -> HSV -> vertical / horizontal flips.
+    the resized image -> copy-paste in ``flip`` mode -> one warp (rotation, scale, translation, shear, perspective)
+    that cuts the ``imgsz`` x ``imgsz`` sample out of the canvas' centre -> copy-paste in ``free`` mode -> mixup ->
+    Ultralytics' light extras (blur, median blur, gray, CLAHE at p 0.01) -> HSV -> vertical / horizontal flips.
 
     The affine acts on the whole mosaic canvas, as Ultralytics' ``RandomPerspective`` (and YOLOX/MMYOLO's
     ``RandomAffine(border=-imgsz // 2)``) do: zooming out or rotating shows more of the other tiles, not padding, so
@@ -88,9 +91,13 @@ class TrainTransform:
         hsv_v: value gain.
         mosaic: probability of a 4-image mosaic.
         mixup: probability of blending with a second (augmented) image.
-        copy_paste: probability of pasting cells from another image into free background of this one; the number
-            pasted is ``round(copy_paste * n)`` for the n cells of the source image (at least one). Pasted cells are
-            scaled by the sample's zoom, so they match the magnification of the cells around them.
+        copy_paste: copy-paste strength (Ultralytics' ``copy_paste``); see ``copy_paste_mode``.
+        copy_paste_mode: ``flip`` (Ultralytics' default, the same algorithm): on every sample, mirror the mosaic
+            canvas left-right and paste the mirrored copies of a ``copy_paste`` share of the cells whose mirrored box
+            covers under 30 % of every existing box (least-overlapping first), before the warp. ``free``: with
+            probability ``copy_paste``, paste ``round(copy_paste * n)`` of the n cells of another image (at least
+            one), rotated by a multiple of 90 deg, into background they do not touch, after the warp and scaled by
+            the sample's zoom.
         extras: probability of each of Ultralytics' default light Albumentations (Blur, MedianBlur, ToGray, CLAHE;
             0.01 as there; 0 turns them off).
     """
@@ -112,8 +119,12 @@ class TrainTransform:
         mixup: float = 0.0,
         copy_paste: float = 0.0,
         extras: float = 0.01,
+        copy_paste_mode: str = "flip",
     ) -> None:
+        if copy_paste_mode not in COPY_PASTE_MODES:
+            raise ValueError(f"copy_paste_mode: '{copy_paste_mode}' is not one of {', '.join(COPY_PASTE_MODES)}")
         self.imgsz = imgsz
+        self.copy_paste_mode = copy_paste_mode
         self.degrees, self.translate, self.scale = degrees, translate, scale
         self.shear, self.perspective = shear, perspective
         self.mosaic_p, self.mixup_p, self.copy_paste_p = mosaic, mixup, copy_paste
@@ -142,8 +153,10 @@ class TrainTransform:
     def __call__(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator) -> dict[str, Any]:
         """Augment one loaded sample; ``rng`` is its own random stream (the data set derives it per sample)."""
         self.color.set_random_seed(int(rng.integers(2**31)))
-        sample, gain = self._geometric(sample, dataset, rng)
-        if self.copy_paste_p > 0 and rng.random() < self.copy_paste_p and len(dataset) > 1:
+        sample, gain = self._geometric(sample, dataset, rng, self.copy_paste_mode == "flip")
+        if self.copy_paste_mode == "free" and self.copy_paste_p > 0 and rng.random() < self.copy_paste_p and len(
+            dataset
+        ) > 1:
             source = dataset.load(int(rng.integers(len(dataset))))
             sample = copy_paste(sample, source, self.copy_paste_p, rng, zoom=gain)
         if self.mixup_p > 0 and rng.random() < self.mixup_p and len(dataset) > 1:
@@ -153,9 +166,13 @@ class TrainTransform:
         return {**sample, "image": out["image"], "instances": out["mask"]}
 
     def _geometric(
-        self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator
+        self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator, flip_paste: bool = False
     ) -> tuple[dict[str, Any], float]:
-        """Mosaic canvas (or the image) warped to ``imgsz`` x ``imgsz``; returns the sample and its scale gain."""
+        """Mosaic canvas (or the image), flip copy-paste when asked, warped to ``imgsz`` x ``imgsz``.
+
+        Returns the sample and its scale gain.
+        """
+        flip_paste = flip_paste and self.copy_paste_p > 0
         use_mosaic = self.mosaic_enabled and len(dataset) > 1 and rng.random() < self.mosaic_p
         if use_mosaic:
             tiles = [sample, *(dataset.load(int(rng.integers(len(dataset)))) for _ in range(3))]
@@ -170,11 +187,57 @@ class TrainTransform:
         if use_mosaic:
             # only the part of the canvas the warp can see is built (a zoomed-in sample sees a fraction of it)
             region = visible_region(matrix, shape, self.imgsz)
+            if flip_paste:  # the mirror image of the visible part is pasted from: build both (symmetric in x)
+                w = shape[1]
+                x0, x1 = min(region[0], w - region[2]), max(region[2], w - region[0])
+                region = (x0, region[1], x1, region[3])
             sample = mosaic_canvas(tiles, self.imgsz, centre, region)
             shift = np.eye(3, dtype=np.float32)
             shift[0, 2], shift[1, 2] = region[0], region[1]
             matrix = matrix @ shift
+        if flip_paste:
+            sample = flip_copy_paste(sample, self.copy_paste_p)
         return warp(sample, matrix, self.imgsz, self.perspective > 0), gain
+
+
+def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.30) -> dict[str, Any]:
+    """Ultralytics 8.4's ``CopyPaste(mode="flip")``: paste left-right mirrored copies of the sample's own cells.
+
+    A cell is eligible when its mirrored box covers less than ``max_ioa`` of every existing box (intersection over
+    the existing box's area, Ultralytics' ``bbox_ioa``); the ``round(fraction * eligible)`` eligible cells with the
+    least overlap are pasted: the mirrored image's pixels under their mirrored masks. A pasted cell lies on top of
+    what it covers (the covered pixels change owner); it gets a new instance id and keeps its class.
+    """
+    instances = sample["instances"]
+    ids, boxes = instance_boxes(instances, min_size=1)
+    if not len(ids) or fraction <= 0:
+        return sample
+    w = instances.shape[1]
+    mirrored = boxes.copy()
+    mirrored[:, 0], mirrored[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+    inter = (np.minimum(mirrored[:, None, 2], boxes[None, :, 2]) - np.maximum(mirrored[:, None, 0], boxes[None, :, 0])
+             ).clip(0) * (np.minimum(mirrored[:, None, 3], boxes[None, :, 3])
+                          - np.maximum(mirrored[:, None, 1], boxes[None, :, 1])).clip(0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    ioa = inter / (area[None, :] + 1e-7)
+    eligible = np.nonzero((ioa < max_ioa).all(1))[0]
+    eligible = eligible[np.argsort(ioa.max(1)[eligible], kind="stable")]
+    chosen = ids[eligible[: round(fraction * len(eligible))]]
+    if not len(chosen):
+        return sample
+    flipped_ids = instances[:, ::-1]
+    lut = np.zeros(int(instances.max()) + 1, np.int64)
+    n = len(sample["classes"])
+    lut[chosen] = n + 1 + np.arange(len(chosen))
+    new = lut[flipped_ids]
+    paste = new > 0
+    image = sample["image"].copy()
+    image[paste] = sample["image"][:, ::-1][paste]
+    out = instances.astype(np.uint16, copy=True)
+    out[paste] = new[paste]
+    classes = np.asarray(sample["classes"], np.int64)
+    classes = np.concatenate([classes, classes[chosen - 1]])
+    return {**sample, "image": image, "instances": out, "classes": classes}
 
 
 def visible_region(matrix: np.ndarray, shape: tuple[int, int], imgsz: int) -> tuple[int, int, int, int]:

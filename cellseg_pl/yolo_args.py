@@ -297,10 +297,8 @@ TABLE: tuple[YoloArg, ...] = (
     _data("fliplr", _fraction),
     _data("mosaic", _fraction),
     _data("mixup", _fraction),
-    _data(
-        "copy_paste", _fraction,
-        "pastes cells from another image into free background (Ultralytics mirrors cells of the same image)",
-    ),
+    _data("copy_paste", _fraction),
+    _data("copy_paste_mode", _choice("flip", "free"), "`flip` as Ultralytics; `free`: cells of another image"),
     _data("close_mosaic", _int),
 )
 

@@ -109,7 +109,7 @@ def test_mosaic_combines_four_images_with_unique_ids_and_right_classes():
 
 def test_copy_paste_adds_cells_from_other_images_into_free_space():
     ds = ColourCells()
-    tf = plain(copy_paste=1.0)
+    tf = plain(copy_paste=1.0, copy_paste_mode="free")
     grew = 0
     for idx in range(4):
         original = ds.load(idx)
@@ -164,3 +164,72 @@ def test_mosaic_builds_only_the_visible_canvas_and_warps_it_exactly_as_the_whole
         assert part["image"].shape[0] * part["image"].shape[1] <= (2 * SIZE) ** 2
         np.testing.assert_array_equal(cut["image"], whole["image"])
         np.testing.assert_array_equal(cut["instances"], whole["instances"])
+
+
+def _disks(h: int, w: int, discs: list[tuple[int, int, int]]):
+    """An image and instance map of filled discs ``(cx, cy, r)``, and their outline polygons."""
+    image = np.full((h, w, 3), 40, np.uint8)
+    image[:, : w // 2] = 90  # the left half differs from the right: mirrored pixels are recognisable
+    instances = np.zeros((h, w), np.uint16)
+    polygons = []
+    for k, (cx, cy, r) in enumerate(discs, 1):
+        cv2.circle(instances, (cx, cy), r, k, -1)
+        cv2.circle(image, (cx, cy), r, (200, 60 + 20 * k, 30), -1)
+        contours, _ = cv2.findContours((instances == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        polygons.append(contours[0][:, 0].astype(np.float32))
+    return image, instances, polygons
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+def test_flip_copy_paste_pastes_what_ultralytics_pastes(fraction):
+    """The same cells are chosen as by Ultralytics 8.4's ``CopyPaste(mode="flip")``, and land at the same place."""
+    from ultralytics.data.augment import CopyPaste
+    from ultralytics.utils.instance import Instances
+
+    from cellseg_pl.transforms import flip_copy_paste
+
+    # cells whose mirror image lands on background, on a cell (overlap > 30 %), half on a cell, and on itself
+    discs = [(20, 20, 8), (30, 70, 10), (100, 70, 9), (60, 110, 7), (85, 25, 9), (40, 100, 6)]
+    image, instances, polygons = _disks(128, 128, discs)
+    n = len(discs)
+    sample = {"image": image, "instances": instances, "classes": np.arange(n, dtype=np.int64) % 2}
+    ours = flip_copy_paste(sample, fraction)
+
+    from ultralytics.utils.ops import resample_segments
+
+    segments = np.stack(resample_segments([p for p in polygons], n=200))
+    boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polygons], np.float32)
+    labels = {"img": image.copy(), "cls": (np.arange(n) % 2).reshape(-1, 1).astype(np.float32),
+              "instances": Instances(boxes, segments, bbox_format="xyxy", normalized=False)}
+    theirs = CopyPaste(p=fraction, mode="flip")(labels)
+    pasted_theirs = len(theirs["cls"]) - n
+    pasted_ours = len(ours["classes"]) - n
+    assert pasted_ours == pasted_theirs >= 1
+    assert list(ours["classes"][n:]) == list(theirs["cls"][n:, 0].astype(int))
+    # each pasted cell: our mask vs their mirrored polygon, and the pixels are the mirrored image's
+    for j in range(pasted_ours):
+        mask = ours["instances"] == n + 1 + j
+        poly = theirs["instances"].segments[n + j].astype(np.int32)
+        ref = np.zeros_like(instances, np.uint8)
+        cv2.fillPoly(ref, [poly], 1)
+        assert (mask & ref.astype(bool)).sum() / (mask | ref.astype(bool)).sum() > 0.8
+        assert np.array_equal(ours["image"][mask], image[:, ::-1][mask])
+    untouched = ours["instances"] <= n
+    assert np.array_equal(ours["image"][untouched], image[untouched])
+    assert np.array_equal(ours["instances"][untouched], instances[untouched])
+
+
+def test_flip_copy_paste_in_the_pipeline_keeps_masks_with_pixels():
+    ds = ColourCells()
+    tf = plain(copy_paste=1.0, mosaic=1.0, degrees=90.0, scale=0.5)
+    grew = 0
+    for idx in range(4):
+        out = tf(ds.load(idx), ds, np.random.default_rng([4, 0, idx]))
+        assert_masks_follow_pixels(out, ds)
+        grew += len(np.unique(out["instances"])) - 1 > len(ds.load(idx)["classes"])
+    assert grew >= 2
+
+
+def test_copy_paste_mode_is_checked():
+    with pytest.raises(ValueError, match="copy_paste_mode"):
+        plain(copy_paste_mode="mirror")
