@@ -18,7 +18,7 @@ from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric, targets_from_b
 from cellseg_pl.model import attach_loss, build_network, network_yaml, split_outputs
 from cellseg_pl.optim import EMA, build_optimizer, resolve_optimizer, schedule, warmup_iterations
 from cellseg_pl.postprocess import postprocess
-from cellseg_pl.predict import Window, instances_from
+from cellseg_pl.inference import Window, instances_from
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class CellSegModule(L.LightningModule):
         self._log_metrics()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Per image: ``im_file``, ``ori_shape`` and its detections as ``cellseg_pl.predict.Instance`` objects at the
+        """Per image: ``im_file``, ``ori_shape`` and its detections as ``cellseg_pl.inference.Instance`` objects at the
         original resolution (masks rebuilt from the prototypes at full size, cropped to each object)."""
         h = self.hparams
         det, proto, _ = split_outputs(self.eval_net(batch["img"]))

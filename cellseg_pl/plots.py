@@ -4,6 +4,8 @@
   (losses, mask mAP, precision/recall/F1, learning rate) plus the cell metrics biologists read.
 * :func:`draw_val_grid`: validation images with predicted outlines (green, as ``predict --save-overlays``) over the
   ground truth (magenta), and the counts of both.
+* :func:`draw_overlay`, :func:`write_overlay`: one predicted image with its outlines and counts
+  (``predict --save-overlays``).
 * :class:`ValidationPictures`: the callback every ``fit`` runs; it writes both into the run folder::
 
       results.png             the curves, redrawn after an epoch (at most ~5% of the training time) and at the end
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +42,10 @@ log = logging.getLogger(__name__)
 #: Outline colours (RGB): predictions as in ``predict --save-overlays``; magenta/green stay apart for colour-blind eyes.
 PRED_COLOR = (0, 255, 0)
 TRUE_COLOR = (255, 0, 255)
+#: Outline colours (RGB) of ``predict --save-overlays``, by class index (cycled); class 0 is ``PRED_COLOR``.
+CLASS_COLORS = (PRED_COLOR, (255, 160, 0), (255, 0, 255), (0, 255, 255), (0, 128, 255), (255, 255, 0))
+#: Overlay formats kept as they are; other images (TIFF, BMP...) get a ``.png`` overlay.
+OVERLAY_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 #: ``results.png`` panels: (title, [(column, legend label, line style)], values lie in 0..1).
 RESULTS_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...], bool], ...] = (
@@ -256,6 +263,65 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
         raise OSError(f"cannot encode {path}")
     _write_atomic(Path(path), data.tobytes())
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# predict --save-overlays
+# --------------------------------------------------------------------------------------------------
+
+
+def draw_overlay(
+    image: np.ndarray, outlines: list[tuple[int, np.ndarray]], names: dict[int, str], dropped: list[np.ndarray]
+) -> np.ndarray:
+    """Draw predicted outlines and per-class counts on an RGB image (OpenCV only, no fonts to download).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        outlines: ``(class index, (K, 2) polygon in continuous image px)`` per written object.
+        names: class index -> name.
+        dropped: outlines of detections dropped by ``--min-area``, drawn thin in red.
+
+    Returns:
+        ``(H, W, 3)`` uint8 BGR, ready for ``cv2.imencode``.
+    """
+    out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    h, w = out.shape[:2]
+    thick = max(1, round(max(h, w) / 1000))
+
+    def fixed(pts: np.ndarray) -> np.ndarray:  # continuous px -> pixel-centre indices, 4 fractional bits
+        return np.round((pts - 0.5) * 16).astype(np.int32).reshape(-1, 1, 2)
+
+    for pts in dropped:
+        cv2.polylines(out, [fixed(pts)], True, (0, 0, 255), 1, cv2.LINE_AA, shift=4)
+    counts = Counter(label for label, _ in outlines)
+    for label, pts in outlines:
+        color = CLASS_COLORS[label % len(CLASS_COLORS)][::-1]
+        cv2.polylines(out, [fixed(pts)], True, color, thick, cv2.LINE_AA, shift=4)
+    lines = [f"{names[k]}: {counts[k]}" for k in sorted(names)]
+    if dropped:
+        lines.append(f"dropped (min area): {len(dropped)}")
+    scale = max(0.4, max(h, w) / 1400)
+    text_thick = max(1, round(scale * 2))
+    y = 0
+    for text in lines:
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, text_thick)
+        cv2.rectangle(out, (0, y), (tw + 8, y + th + base + 8), (0, 0, 0), -1)
+        white = (255, 255, 255)
+        cv2.putText(out, text, (4, y + th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, white, text_thick, cv2.LINE_AA)
+        y += th + base + 8
+    return out
+
+
+def write_overlay(path: str | Path, bgr: np.ndarray) -> Path:
+    """Write an overlay of :func:`draw_overlay` as ``path`` (PNG and JPEG keep their suffix, others become ``.png``)."""
+    path = Path(path)
+    suffix = path.suffix.lower() if path.suffix.lower() in OVERLAY_SUFFIXES else ".png"
+    path = path.with_suffix(suffix)
+    ok, data = cv2.imencode(suffix, bgr)
+    if not ok:
+        raise OSError(f"cannot encode an overlay for {path}")
+    _write_atomic(path, data.tobytes())
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Active learning: rank unlabelled images by how unsure the model is of them, pick the next batch to label.
 
 ``python -m cellseg_pl select --model best.ckpt --pool images/unlabelled --k 200 --output next_batch.txt``
-predicts every image of the pool (with :class:`cellseg_pl.predict.Predictor`, as ``predict`` does) and scores it.
+predicts every image of the pool (with :class:`cellseg_pl.inference.Predictor`, as ``predict`` does) and scores it.
 The uncertainty of an image is a weighted mean (default weights equal, 0.25 each) of four terms, each 0..1:
 
 1. **low confidence** = 1 - mean score of its detections (1 when nothing is found: no cell the model is sure of);
@@ -57,21 +57,18 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, read_image
-from cellseg_pl.predict import (
+from cellseg_pl.inference import (
     Instance,
     PredictError,
-    PredictSummary,
     Predictor,
-    _check_numbers,
-    _inside,
-    _intersection,
-    _load_network,
+    check_inference_args,
+    intersection,
+    is_inside,
     list_images,
+    load_network,
     parse_device,
-    add_inference_arguments,
-    predict_folder,
-    run_tool,
 )
+from cellseg_pl.predict import PredictSummary, add_inference_arguments, predict_folder, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +107,7 @@ def iou_matrix(a: list[Instance], b: list[Instance]) -> np.ndarray:
             (boxes_b[:, 0] < x1) & (boxes_b[:, 2] > x0) & (boxes_b[:, 1] < y1) & (boxes_b[:, 3] > y0)
         )
         for j in near:
-            inter = _intersection(d, b[j])
+            inter = intersection(d, b[j])
             if inter:
                 out[i, j] = inter / (areas_a[i] + areas_b[j] - inter)
     return out
@@ -247,7 +244,7 @@ def _check_outputs(output: Path, table: Path, pool: Path, copy_to: Path | None, 
     if copy_to is not None:
         if copy_to.exists() and not copy_to.is_dir():
             raise PredictError(copy_to, "exists and is not a folder", "choose a folder for --copy-to")
-        if _inside(copy_to, pool):
+        if is_inside(copy_to, pool):
             raise PredictError(copy_to, f"is inside --pool {pool}", "choose a folder outside the pool for --copy-to")
 
 
@@ -346,7 +343,7 @@ def select_images(
     Raises:
         PredictError: a bad argument or input (worded ``"<flag or file>: <problem>; <fix>"``); nothing is written.
     """
-    _check_numbers(conf, iou, max_det, min_area, tile, tile_overlap, batch_size)
+    check_inference_args(conf, iou, max_det, min_area, tile, tile_overlap, batch_size)
     if k < 1:
         raise PredictError("--k", f"{k} is not a positive number", "pass how many images to label, e.g. 200")
     if not conf < borderline <= 1:
@@ -370,9 +367,7 @@ def select_images(
     candidates = [rel for rel in rels if rel not in skip]
     if not candidates:
         raise PredictError("--exclude", f"excludes all {len(rels)} images of {pool_dir}", "nothing is left to select")
-    net, names, imgsz = _load_network(model, imgsz)
-    if tile_overlap is not None and tile_overlap > imgsz // 2:
-        raise PredictError("--tile-overlap", f"{tile_overlap} is more than half of imgsz {imgsz}", "pass e.g. imgsz/4")
+    net, names, imgsz = load_network(model, imgsz, tile_overlap)
     predictor = Predictor(net, len(names), imgsz, dev, conf, iou, max_det, tile, tile_overlap, batch_size)
     summary = SelectSummary(output, table, images_found=len(rels), excluded=len(rels) - len(candidates), tta=tta,
                             copy_to=copy_dir)  # fmt: skip

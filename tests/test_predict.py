@@ -1,4 +1,5 @@
-"""Tests of cellseg_pl.predict: a folder of images -> COCO 1.0 JSON for CVAT, tiling, overlays, the command line.
+"""Tests of cellseg_pl.predict and its engine (cellseg_pl.inference): images -> COCO 1.0 JSON for CVAT, tiling,
+overlays, the command line, and the LightningCLI style of predict.
 
 Most tests use :class:`BlobNet`, a stand-in network that finds dark discs by thresholding and emits them as raw
 YOLOv8-seg head output (boxes, scores, mask coefficients, 1/4-resolution prototypes), so the real path runs:
@@ -21,18 +22,12 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-import cellseg_pl.predict as predict_mod
+import cellseg_pl.inference as inference_mod
 from cellseg_pl.coco import polygons_to_mask
 from cellseg_pl.convert import convert_coco_zip
 from cellseg_pl.dataset import read_label, rasterize
-from cellseg_pl.predict import (
-    Instance,
-    Predictor,
-    main,
-    merge_windows,
-    predict_folder,
-    tile_windows,
-)
+from cellseg_pl.inference import Instance, Predictor, merge_windows, tile_windows
+from cellseg_pl.predict import main, predict_folder
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND, CELL = 200, 40
@@ -208,13 +203,13 @@ def test_json_for_cvat_structure(tmp_path):
 def test_masks_are_built_at_the_original_resolution(cells, tmp_path, monkeypatch):
     root, truth = cells
     shapes = []
-    real = predict_mod.to_original
+    real = inference_mod.to_original
 
     def spy(result, proto, input_size, ori_shape):
         shapes.append((tuple(input_size), tuple(ori_shape)))
         return real(result, proto, input_size, ori_shape)
 
-    monkeypatch.setattr(predict_mod, "to_original", spy)
+    monkeypatch.setattr(inference_mod, "to_original", spy)
     predict_folder(BlobNet(), root, tmp_path / "p.json", imgsz=256)  # a.png is 221 x 300: resized by 256/300
     coco = json.loads((tmp_path / "p.json").read_text())
     assert set(shapes) == {((256, 256), (221, 300)), ((256, 256), (160, 144))}

@@ -21,7 +21,7 @@ from torch import nn
 
 import cellseg_pl.select as select_mod
 from cellseg_pl.demo import make_image
-from cellseg_pl.predict import Instance, PredictError
+from cellseg_pl.inference import Instance, PredictError
 from cellseg_pl.select import flip_disagreement, image_uncertainty, main, select_images, unflip
 
 
@@ -185,7 +185,7 @@ def test_exclude_skips_images_selected_before(pool, tmp_path):
 def test_command_line(pool, tmp_path, capsys, monkeypatch):
     from cellseg_pl.__main__ import main as cellseg_main
 
-    monkeypatch.setattr(select_mod, "_load_network", lambda model, imgsz: (DemoCellNet(), {0: "cell"}, 256))
+    monkeypatch.setattr(select_mod, "load_network", lambda model, imgsz, overlap=None: (DemoCellNet(), {0: "cell"}, 256))
     out = tmp_path / "next_batch.txt"
     args = ["select", "--model", "m.pt", "--pool", str(pool), "--k", "1", "--output", str(out), "--no-tta"]
     assert cellseg_main(args) == 0
