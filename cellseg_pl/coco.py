@@ -41,6 +41,7 @@ __all__ = [
     "CocoZip",
     "build_coco",
     "checked_rle",
+    "coordinates_out_of_range",
     "mask_to_polygons",
     "mask_to_rle",
     "mask_to_yolo_polygons",
@@ -54,6 +55,9 @@ __all__ = [
 
 #: Examples of each skip reason kept for the tools' summaries.
 MAX_EXAMPLES = 3
+#: Largest polygon coordinate accepted, in pixels: far-away vertices are clipped to the image, which stays exact
+#: to ~1e-4 px from here; beyond it (e.g. 1e308) the arithmetic overflows.
+MAX_COORDINATE = 1e12
 
 
 class CocoError(ValueError):
@@ -104,7 +108,19 @@ def validate_polygon(polygon: Any) -> str | None:
         return f"polygon part has {len(polygon) // 2} points (needs >= 3)"
     if not np.isfinite(np.asarray(polygon, dtype=np.float64)).all():
         return "polygon part holds NaN or infinite coordinates"
+    if coordinates_out_of_range(polygon):
+        return f"polygon part holds coordinates beyond +-{MAX_COORDINATE:g} px"
     return None
+
+
+def coordinates_out_of_range(polygon: Any) -> bool:
+    """Whether a list of finite numbers has one beyond :data:`MAX_COORDINATE` (pixels, either sign); else False."""
+    if not isinstance(polygon, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon
+    ):
+        return False
+    xy = np.abs(np.asarray(polygon, dtype=np.float64))
+    return bool(np.isfinite(xy).all() and xy.max(initial=0.0) > MAX_COORDINATE)
 
 
 def _clip_to_box(points: np.ndarray, lo: tuple[float, float], hi: tuple[float, float]) -> np.ndarray:
@@ -485,18 +501,45 @@ class CocoZip:
             self._zip = None
 
     def image_candidates(self, file_name: str, subset: CocoSubset) -> list[str]:
-        """Where :meth:`read_image` looks for ``file_name``, in order (zip members, then files)."""
+        """Where :meth:`locate_image` looks for ``file_name``, in order (zip members, then files)."""
         name = file_name.replace("\\", "/")
         found = [f"{subset.root}images/{subset.name}/{name}", f"{subset.root}images/{name}"]
         if self.images_dir is not None:
             found += [str(self.images_dir / name), str(self.images_dir / PurePosixPath(name).name)]
         return found
 
-    def read_image(self, file_name: str, subset: CocoSubset) -> tuple[bytes, str] | None:
-        """Read the bytes of an image listed in ``subset``.
+    def locate_image(self, file_name: str, subset: CocoSubset) -> tuple[str, str] | None:
+        """Find an image listed in ``subset`` without reading it.
 
         Looks at ``images/<subset>/<file_name>`` and ``images/<file_name>`` in the zip, then
-        ``<images_dir>/<file_name>`` and ``<images_dir>/<basename>``.
+        ``<images_dir>/<file_name>`` and last ``<images_dir>/<basename>`` (the basename fallback: callers must make
+        sure no two records land on one file, see :mod:`cellseg_pl.convert`).
+
+        Returns:
+            ``("zip", member)``, ``("file", path)``, ``("basename", path)`` or None when it is nowhere or
+            ``file_name`` would escape the images folder.
+        """
+        if unsafe_path_reason(file_name):
+            return None
+        candidates = self.image_candidates(file_name, subset)
+        for member in candidates[:2]:
+            if member in self._names:
+                return "zip", member
+        for kind, path in zip(("file", "basename"), candidates[2:]):
+            if Path(path).is_file():
+                return kind, path
+        return None
+
+    def read_located(self, where: tuple[str, str]) -> bytes:
+        """The bytes of an image found by :meth:`locate_image`; raises one of ``ZIP_READ_ERRORS`` if unreadable."""
+        kind, name = where
+        if kind == "zip":
+            assert self._zip is not None, "CocoZip is closed"
+            return self._zip.read(name)  # may raise ZIP_READ_ERRORS
+        return Path(name).read_bytes()
+
+    def read_image(self, file_name: str, subset: CocoSubset) -> tuple[bytes, str] | None:
+        """Read the bytes of an image listed in ``subset`` (looked up as in :meth:`locate_image`).
 
         Returns:
             ``(bytes, where)`` (``where`` is the member or file path), or None when it is nowhere or
@@ -505,17 +548,8 @@ class CocoZip:
         Raises:
             One of ``ZIP_READ_ERRORS`` when the member or file exists but cannot be read.
         """
-        if unsafe_path_reason(file_name):
-            return None
-        candidates = self.image_candidates(file_name, subset)
-        for member in candidates[:2]:
-            if member in self._names:
-                assert self._zip is not None, "CocoZip is closed"
-                return self._zip.read(member), member  # may raise ZIP_READ_ERRORS
-        for path in map(Path, candidates[2:]):
-            if path.is_file():
-                return path.read_bytes(), str(path)
-        return None
+        where = self.locate_image(file_name, subset)
+        return None if where is None else (self.read_located(where), where[1])
 
 
 def open_coco_zip(path: str | Path, images_dir: str | Path | None = None) -> CocoZip:

@@ -22,6 +22,7 @@ from cellseg_pl.coco import (
     open_coco_zip,
     polygons_to_mask,
     rle_to_mask,
+    validate_polygon,
 )
 
 
@@ -281,3 +282,28 @@ def test_open_coco_zip_subsets_and_image_lookup(tmp_path):
         assert cz.read_image("zzz.png", val) is None
         assert cz.read_image("../ext/d.png", val) is None  # never looks outside the images folder
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing extracted
+
+
+def test_coordinates_beyond_the_limit_are_refused_without_numpy_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "beyond +-1e+12 px" in validate_polygon([1e308, 1e308, -1e308, 5, 5, -1e308])
+        with pytest.raises(ValueError, match="beyond"):
+            polygons_to_mask([[1e308, 0, 0, 1e308, 5, 5]], 10, 10)
+    assert validate_polygon([-1e9, -1e9, 1e9, -1e9, 1e9, 1e9]) is None  # far, still clipped exactly
+
+
+def test_locate_image_says_when_it_fell_back_to_the_basename(tmp_path):
+    z = make_zip(tmp_path / "x.zip", {"annotations/instances_default.json": coco_json(["a.png", "d/b.png"]),
+                                      "images/default/a.png": b"A"})  # fmt: skip
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "b.png").write_bytes(b"B")
+    with open_coco_zip(z, images_dir=ext) as cz:
+        (sub,) = cz.subsets
+        assert cz.locate_image("a.png", sub) == ("zip", "images/default/a.png")
+        assert cz.locate_image("d/b.png", sub) == ("basename", str(ext / "b.png"))
+        assert cz.locate_image("b.png", sub) == ("file", str(ext / "b.png"))
+        assert cz.read_located(cz.locate_image("d/b.png", sub)) == b"B"
