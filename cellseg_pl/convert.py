@@ -19,9 +19,14 @@ become one outline per instance. An instance with several disconnected parts sta
 parts are joined by zero-width bridges at their closest vertices (Ultralytics' ``merge_multi_segment``
 idea), so counts in == counts out; ``cv2.fillPoly`` paints the bridge as a 1 px line.
 
-Fatal problems (unreadable zip or JSON, zip slip, output folder not empty without ``overwrite``) raise
-:class:`ConvertError` before anything is written; the folder is built in a temporary sibling folder and
-moved into place at the end. Per-annotation and per-image problems are skipped and counted by reason.
+Fatal problems raise :class:`ConvertError` (or another :class:`~cellseg_pl.coco.CocoError`) and leave nothing
+written: an unreadable zip or JSON, zip slip, an output folder that is not empty without ``overwrite`` or (with it)
+was not written by ``convert``; two image records that would read one image file (the same ``file_name`` twice, or
+``--images-dir``'s basename fallback landing two names on one file: never guessed); a result without a single
+instance (string image ids against integer ``image_id`` values, every category unknown, no ``annotations``, ...) unless
+``allow_empty`` and the files list no annotation at all. Categories sharing a name are merged into one class (CVAT
+matches labels by name). The folder is built beside the target and swapped in (:mod:`cellseg_pl.outdir`): a kill
+leaves the old or the new set. Per-annotation and per-image problems are skipped and counted by reason.
 """
 
 from __future__ import annotations
@@ -29,9 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -52,12 +55,14 @@ from cellseg_pl.coco import (
     polygons_to_rle,
     reason_lines,
     checked_rle,
+    coordinates_out_of_range,
     count_reason,
     rle_to_mask,
     unsafe_path_reason,
     validate_polygon,
 )
 from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image
+from cellseg_pl.outdir import check_output_dir, remove_stale, staging_folder, swap_into_place, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ ANNOTATION_SKIPS = {
     "unknown_image": "image_id not listed in 'images'",
     "unknown_category": "category_id not listed in 'categories'",
     "invalid_polygon": "no polygon part with >= 3 points and an even number of finite coordinates",
+    "coordinates_out_of_range": "polygon coordinates beyond +-1e12 px: no position in any image",
     "invalid_rle": "RLE whose size differs from the image or whose runs are malformed",
     "invalid_segmentation": "segmentation is neither polygons nor RLE",
     "empty_mask": "zero area inside the image",
@@ -87,6 +93,7 @@ NOTES = {
     "clipped": "annotations with coordinates outside the image, clipped to it",
     "dropped_parts": "invalid polygon parts dropped from otherwise valid annotations",
     "multi_part": "instances with several disconnected parts, joined into one outline",
+    "merged_categories": "categories sharing a name (CVAT matches labels by name), merged into one class",
     "images_missing_objects": "images written although some of their annotations were skipped: "
     "those objects look like background to training",
 }
@@ -154,6 +161,7 @@ class _Image:
     subset: CocoSubset
     record: dict
     name: str = ""
+    source: tuple[str, str] | None = None  # CocoZip.locate_image's answer
     lines: list[str] = field(default_factory=list)
     anns: list[dict] = field(default_factory=list)
 
@@ -170,6 +178,7 @@ def convert_coco_zip(
     val_fraction: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
+    allow_empty: bool = False,
 ) -> ConvertSummary:
     """Convert a CVAT "COCO 1.0" export into a YOLO-seg dataset folder (layout in the module docstring).
 
@@ -177,10 +186,13 @@ def convert_coco_zip(
         coco_zip: the zip exported from CVAT (one or several ``annotations/instances_<subset>.json``).
         output_dir: folder to create; must be empty or missing unless ``overwrite``.
         images_dir: folder with the images when the zip has none (looked up as ``<dir>/<file_name>``,
-            then ``<dir>/<basename>``).
+            then ``<dir>/<basename>`` unless that makes two image records read one file: an error).
         val_fraction: share of images for validation, in (0, 1); the split is by image, seeded.
         seed: seed of the split; the same seed and input give the same split.
-        overwrite: replace the content of a non-empty ``output_dir``.
+        overwrite: replace a non-empty ``output_dir`` that an earlier ``convert`` wrote (it holds
+            ``.cellseg_convert.json`` and nothing else but caches); anything else is refused.
+        allow_empty: accept a data set without a single instance (background only), provided the annotation
+            files list no annotation at all; otherwise no instance is an error.
 
     Returns:
         What was written and skipped.
@@ -191,29 +203,30 @@ def convert_coco_zip(
     if not 0.0 < val_fraction < 1.0:
         raise ConvertError("--val-fraction", f"{val_fraction} is not between 0 and 1", "pass e.g. 0.2")
     out = Path(output_dir).expanduser().resolve()
-    _check_output_dir(out, overwrite, [Path(coco_zip), *([Path(images_dir)] if images_dir else [])])
+    remove_stale(out)  # first: a killed run's old set may need to be put back before the checks look at it
+    check_output_dir(out, overwrite, [Path(coco_zip), *([Path(images_dir)] if images_dir else [])])
     with open_coco_zip(coco_zip, images_dir) as cz:
-        names, class_of = _merge_categories(cz)
+        names, class_of, merged = _merge_categories(cz)
         summary = ConvertSummary(Path(coco_zip), out, names)
+        for example in merged:
+            summary.count(summary.notes, "merged_categories", example)
         images = _collect_images(cz, summary)
+        _locate_images(cz, images)
         _attach_annotations(cz, images, class_of, summary)
-        created = _make_parents(out.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        try:
+        if not any(img.anns for img in images.values()):  # no instance possible: say why before decoding
+            _check_not_empty(cz, summary, allow_empty)
+        with staging_folder(out) as tmp:
             written = _convert_images(cz, images, class_of, tmp, summary)
             if not written:
                 reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.skipped_images.items())) or "none listed"
                 raise ConvertError(
                     cz.path, f"none of its images could be written ({reasons})", "check --images-dir and the zip"
                 )
+            _check_not_empty(cz, summary, allow_empty)
             _split_and_write(written, tmp, val_fraction, seed, summary)
             _write_yaml(tmp / "dataset.yaml", out, names, cz.path)
-            _move_into_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in reversed(created):
-                _rmdir_if_empty(parent)
-            raise
+            write_manifest(tmp, cz.path)
+            swap_into_place(tmp, out)
     logger.info("wrote %s", out)
     return summary
 
@@ -229,16 +242,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse has already printed usage and the problem
         return int(stop.code or 0)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # logging is configured by the entry point (python -m cellseg_pl); the old script gets Python's last-resort
+    # handler, which prints warnings to stderr
     try:
         summary = convert_coco_zip(
-            args.coco_zip, args.output_dir, args.images_dir, args.val_fraction, args.seed, args.overwrite
-        )
+            args.coco_zip, args.output_dir, args.images_dir, args.val_fraction, args.seed, args.overwrite,
+            args.allow_empty,
+        )  # fmt: skip
     except CocoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        where = err.filename or args.output_dir
+    except OSError as err:  # named by the user's path: staging folders beside it are ours, not theirs
+        where = args.output_dir
+        if err.filename and not Path(err.filename).name.startswith("."):
+            where = err.filename
         print(f"error: {where}: {err.strerror or err}; check the path, permissions and free space", file=sys.stderr)
         return 2
     print(summary.format())
@@ -262,7 +279,14 @@ def _parser() -> argparse.ArgumentParser:
         help="share of images for validation (default 0.2)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --output-dir")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a data set folder an earlier convert wrote (never a folder with other files)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-empty", "--allow_empty", dest="allow_empty", action="store_true",
+        help="accept a background-only data set (annotation files without annotations); otherwise no instance is an error",
+    )  # fmt: skip
     return p
 
 
@@ -271,26 +295,14 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_output_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an output that is a file, non-empty without ``overwrite``, or (with it) holds an input."""
-    if out.exists() and not out.is_dir():
-        raise ConvertError(out, "exists and is not a folder", "choose another --output-dir")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConvertError(out, "is not empty", "choose an empty or new --output-dir, or pass --overwrite")
-        for path in inputs:
-            path = path.expanduser().resolve()
-            if path == out or out in path.parents:
-                raise ConvertError(out, f"holds the input {path}", "choose an --output-dir outside the inputs")
-    if out.parent == out:
-        raise ConvertError(out, "is a file system root", "choose a folder for --output-dir")
+def _merge_categories(cz: CocoZip) -> tuple[dict[int, str], dict[int, int], list[str]]:
+    """Merge the categories of all subsets; classes are 0-based in order of (first) COCO category id.
 
-
-def _merge_categories(cz: CocoZip) -> tuple[dict[int, str], dict[int, int]]:
-    """Merge the categories of all subsets; classes are 0-based in order of COCO category id.
+    Category ids with one name become one class: CVAT matches labels by name, so ``{1: cell, 2: cell}`` is one
+    label to it (and two classes of one name could not be told apart in predictions).
 
     Returns:
-        ``names`` (class -> name) and ``class_of`` (COCO category id -> class).
+        ``names`` (class -> name), ``class_of`` (COCO category id -> class) and the merged names, as examples.
     """
     by_id: dict[int, tuple[str, str]] = {}
     for sub in cz.subsets:
@@ -307,8 +319,15 @@ def _merge_categories(cz: CocoZip) -> tuple[dict[int, str], dict[int, int]]:
             by_id.setdefault(cid, (name, sub.member))
     if not by_id:
         raise CocoError(cz.path, "no categories in any annotation file", "define labels in CVAT and export again")
-    ids = sorted(by_id)
-    return {k: by_id[cid][0] for k, cid in enumerate(ids)}, {cid: k for k, cid in enumerate(ids)}
+    ids_of: dict[str, list[int]] = {}
+    for cid in sorted(by_id):
+        ids_of.setdefault(by_id[cid][0], []).append(cid)
+    names = dict(enumerate(ids_of))
+    class_of = {cid: k for k, name in names.items() for cid in ids_of[name]}
+    merged = [f"{name!r}: ids {', '.join(map(str, ids))}" for name, ids in ids_of.items() if len(ids) > 1]
+    for example in merged:
+        logger.warning("%s: categories %s share one name: merged into one class", cz.path, example)
+    return names, class_of, merged
 
 
 def _id_key(value: Any) -> Any:
@@ -331,6 +350,39 @@ def _collect_images(cz: CocoZip, summary: ConvertSummary) -> dict[tuple[int, Any
             if isinstance(file_name, str) and file_name.strip() and not unsafe_path_reason(file_name):
                 img.name = _unique_name(file_name, sub.name, rec["id"], taken)
     return images
+
+
+def _locate_images(cz: CocoZip, images: dict[tuple[int, Any], _Image]) -> None:
+    """Find each image's file; refuse a file that two image records would read (never guess whose pixels they are).
+
+    Raises:
+        ConvertError: naming the file and the records, for the same ``file_name`` listed twice or for
+            ``--images-dir``'s basename fallback landing two names (``day1/x.png``, ``day2/x.png``) on one file.
+    """
+    readers: dict[tuple[str, str], list[_Image]] = {}
+    for img in images.values():
+        if img.name:
+            img.source = cz.locate_image(img.record["file_name"], img.subset)
+        if img.source is not None:
+            kind, where = img.source
+            key = ("zip", where) if kind == "zip" else ("file", str(Path(where).resolve()))
+            readers.setdefault(key, []).append(img)
+    clashes = [group for group in readers.values() if len(group) > 1]
+    if not clashes:
+        return
+    shown = "; ".join(
+        f"{group[0].source[1]} <- " + ", ".join(
+            f"{im.subset.member} image {im.record['id']} {im.record['file_name']!r}" for im in group[:3]
+        ) for group in clashes[:2]  # type: ignore[index]
+    )  # fmt: skip
+    more = f" (and {len(clashes) - 2} more files)" if len(clashes) > 2 else ""
+    if any(im.source[0] == "basename" for group in clashes for im in group):  # type: ignore[index]
+        problem = f"--images-dir: several image records would read one file by its basename: {shown}{more}"
+        hint = "lay the images out in --images-dir as their file_name says (sub-folders), or rename them"
+    else:
+        problem = f"several image records list one file: {shown}{more}"
+        hint = "remove the duplicate image records (one file_name, one record)"
+    raise ConvertError(cz.path, problem, hint)
 
 
 def _unique_name(file_name: str, subset: str, image_id: Any, taken: set[str]) -> str:
@@ -370,6 +422,44 @@ def _attach_annotations(
                 img.anns.append(ann)
 
 
+def _check_not_empty(cz: CocoZip, summary: ConvertSummary, allow_empty: bool) -> None:
+    """Refuse a data set without a single instance, saying why nothing matched (``allow_empty``: see the caller)."""
+    if summary.instances_written:
+        return
+    n = summary.annotations_read
+    if n == 0 and allow_empty:
+        logger.warning("%s: no annotations: a background-only data set (--allow-empty)", cz.path)
+        return
+    if not any("annotations" in sub.coco for sub in cz.subsets):
+        why = f"no 'annotations' list in {', '.join(sub.member for sub in cz.subsets)}"
+    elif n == 0:
+        why = "its annotation files list no annotations"
+    else:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(summary.skipped_annotations.items())) or "none usable"
+        why = f"none of its {n} annotations gave an instance ({why})"
+        for field_, listed in (("image_id", "image ids"), ("category_id", "category ids")):
+            mismatch = _id_type_mismatch(cz, field_)
+            if mismatch:
+                why = f"{listed} are {mismatch[0]}, annotation {field_}s are {mismatch[1]}: {why}"
+    hint = "fix the export" + (", or pass --allow-empty for a background-only set" if n == 0 else "")
+    raise ConvertError(cz.path, f"no instance to write: {why}", hint)
+
+
+def _id_type_mismatch(cz: CocoZip, field_: str) -> tuple[str, str] | None:
+    """``("strings", "integers")`` when the listed ids and the annotations' ``field_`` share no JSON type."""
+    listed_key = "images" if field_ == "image_id" else "categories"
+
+    def kinds(values: list[Any]) -> set[str]:
+        return {"integers" if isinstance(v, int) else "strings" if isinstance(v, str) else type(v).__name__ + "s"
+                for v in values}  # fmt: skip
+
+    listed = kinds([r["id"] for sub in cz.subsets for r in sub.coco.get(listed_key, [])])
+    used = kinds([a[field_] for sub in cz.subsets for a in sub.coco.get("annotations", [])])
+    if listed and used and not listed & used:
+        return " and ".join(sorted(listed)), " and ".join(sorted(used))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # geometry: one annotation -> one YOLO outline
 # --------------------------------------------------------------------------------------------------
@@ -396,6 +486,8 @@ def _annotation_rle(ann: dict, height: int, width: int, notes: list[str]) -> tup
         return None, "invalid_segmentation"
     parts = [seg] if all(isinstance(v, (int, float)) for v in seg) else seg  # a flat list is one part
     valid = [p for p in parts if validate_polygon(p) is None]
+    if any(coordinates_out_of_range(p) for p in parts):
+        return None, "coordinates_out_of_range"  # such a vertex makes the whole shape meaningless
     if not valid:
         return None, "invalid_polygon"
     if len(valid) < len(parts):
@@ -493,14 +585,13 @@ def _read_checked_image(cz: CocoZip, img: _Image) -> tuple[str | None, bytes | N
     """Read an image's bytes and decode them once; returns ``(skip reason, bytes, (H, W))``."""
     if not img.name:
         return "invalid_file_name", None, None
+    if img.source is None:
+        return "missing_file", None, None
     try:
-        found = cz.read_image(img.record["file_name"], img.subset)
+        data = cz.read_located(img.source)
     except ZIP_READ_ERRORS as err:
         logger.warning("%s: cannot be read (%s)", img.record["file_name"], err)
         return "corrupt_image", None, None
-    if found is None:
-        return "missing_file", None, None
-    data, _ = found
     try:
         # IMREAD_COLOR applies EXIF rotation, like cv2.imread in the training loaders
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
@@ -588,34 +679,3 @@ def _write_yaml(path: Path, out: Path, names: dict[int, str], source: Path) -> N
     doc = {"path": str(out), "train": "images/train", "val": "images/val", "nc": len(names), "names": names}
     header = f"# written by cellseg_pl.convert from {Path(source).name}\n"
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; returns those created, outermost first."""
-    missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
-    for p in missing:
-        p.mkdir()
-    return missing
-
-
-def _rmdir_if_empty(folder: Path) -> None:
-    """Remove a folder this run created, if nothing else was put there meanwhile."""
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Make ``tmp``'s content the content of ``out``, replacing what ``out`` held (only inside ``out``)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-    for child in tmp.iterdir():
-        os.replace(child, out / child.name)
-    tmp.rmdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -323,7 +324,7 @@ def test_bad_images_are_skipped(tmp_path):
         "annotations/instances_default.json": coco(
             [image(1, "ok.png"), image(2, "corrupt.png"), image(3, "small.png"), image(4, "../escape.png"),
              image(5, "missing.png"), image(1, "dup.png")],  # fmt: skip
-            [ann(1, 2, 3, mask_to_polygons(disk(40, 40, 10)))],
+            [ann(1, 2, 3, mask_to_polygons(disk(40, 40, 10))), ann(2, 1, 3, mask_to_polygons(disk(40, 40, 10)))],
         ),
         "images/default/ok.png": png(),
         "images/default/corrupt.png": b"\x89PNG\r\n\x1a\n garbage",
@@ -350,7 +351,7 @@ def test_damaged_zip_member_is_a_skipped_image(tmp_path):
     at = data.index(png(seed=1)) + 100
     data[at] ^= 0xFF  # breaks the CRC of b.png only
     z.write_bytes(bytes(data))
-    summary = convert_coco_zip(z, tmp_path / "out")
+    summary = convert_coco_zip(z, tmp_path / "out", allow_empty=True)
     assert summary.skipped_images == {"corrupt_image": 1} and summary.train_images == 1
 
 
@@ -360,7 +361,7 @@ def test_file_names_without_image_suffix_get_one(tmp_path):
         "images/default/frame1": png(),
         "images/default/frame2": cv2.imencode(".jpg", np.zeros((H, W, 3), np.uint8))[1].tobytes(),
     }
-    convert_coco_zip(write_zip(tmp_path / "z.zip", members), tmp_path / "out")
+    convert_coco_zip(write_zip(tmp_path / "z.zip", members), tmp_path / "out", allow_empty=True)
     assert sorted(p.name for p in (tmp_path / "out").glob("images/*/*")) == ["frame1.png", "frame2.jpg"]
     assert sorted(p.name for p in (tmp_path / "out").glob("labels/*/*")) == ["frame1.txt", "frame2.txt"]
 
@@ -425,7 +426,7 @@ def test_fatal_output_not_empty_or_a_file(tmp_path, capsys):
 
 def test_fatal_no_usable_image_and_bad_flags(tmp_path, capsys):
     z = write_zip(tmp_path / "z.zip", {"annotations/instances_default.json": coco([image(1, "gone.png")], [])})
-    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "a" / "b" / "out")
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "a" / "b" / "out", "--allow-empty")
     assert "none of its images could be written (missing_file: 1)" in err
     err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "o", "--val-fraction", "1.5")
     assert err.startswith("error: --val-fraction: 1.5")
@@ -459,23 +460,56 @@ def test_zip_with_a_top_folder(tmp_path):
     assert summary.instances_written == 1 and summary.instances[1] == 1
 
 
-def test_overwrite_replaces_only_the_output_content(tmp_path, capsys):
+def test_overwrite_replaces_only_a_folder_convert_wrote(tmp_path, capsys):
     z = simple_zip(tmp_path / "z.zip", n_images=3)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    (out / "images" / "train").mkdir(parents=True)
-    (out / "images" / "train" / "stale.png").write_bytes(b"stale")
+    assert run_main("--coco-zip", simple_zip(tmp_path / "old.zip", n_images=5), "--output-dir", out) == 0
+    manifest = json.loads((out / ".cellseg_convert.json").read_text())
+    assert manifest["tool"] == "cellseg_pl.convert" and "dataset.yaml" in manifest["files"]
+    assert sorted(manifest["files"]) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+                                               and p.name != ".cellseg_convert.json")  # fmt: skip
+    (out / ".cellseg_cache" / "640").mkdir(parents=True)  # caches made from the set go with it
+    (out / ".cellseg_cache" / "640" / "x.npz").write_bytes(b"cache")
+    (out / "labels" / "train.cache").write_bytes(b"ultralytics cache")
     (tmp_path / "sibling.txt").write_text("untouched")
+    capsys.readouterr()
     assert run_main("--coco_zip", z, "--output_dir", out, "--overwrite", "--seed", "3", "--val_fraction", "0.34") == 0
     printed = capsys.readouterr().out
     assert "images: 3 (train 2, val 1)" in printed and "instances written: 3 of 3" in printed
     assert sorted(snapshot(out)) == sorted(
-        ["dataset.yaml", "images", "labels", "images/train", "images/val", "labels/train", "labels/val"]
-        + [f"{d}/{s}/{n}" for d, s, n in _files(out)]
-    )
-    assert not (out / "old.txt").exists() and (tmp_path / "sibling.txt").read_text() == "untouched"
-    assert snapshot(tmp_path) == {"z.zip", "sibling.txt", "out"} | {f"out/{p}" for p in snapshot(out)}
+        ["dataset.yaml", ".cellseg_convert.json", "images", "labels", "images/train", "images/val", "labels/train",
+         "labels/val"] + [f"{d}/{s}/{n}" for d, s, n in _files(out)]
+    )  # fmt: skip
+    assert len(list(out.glob("images/*/*"))) == 3 and (tmp_path / "sibling.txt").read_text() == "untouched"
+    assert snapshot(tmp_path) == {"z.zip", "old.zip", "sibling.txt", "out"} | {f"out/{p}" for p in snapshot(out)}
+
+
+def test_overwrite_refuses_folders_convert_did_not_write(tmp_path, capsys, monkeypatch):
+    z = simple_zip(tmp_path / "z.zip")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("years of work")
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", mine, "--overwrite")
+    assert err == (f"error: {mine}: was not written by convert (it has no .cellseg_convert.json); --overwrite only "
+                   "replaces a data set folder convert wrote: choose a new --output-dir, or empty it yourself")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("x")
+    monkeypatch.setenv("HOME", str(home))
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", "~", "--overwrite")
+    assert f"{home}: was not written by convert (your home folder)" in err
+    # a data set convert wrote, with the user's own files added: refused, naming them
+    out = tmp_path / "ds"
+    assert run_main("--coco-zip", z, "--output-dir", out) == 0
+    capsys.readouterr()
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "train" / "extra.png").write_bytes(png(seed=9))
+    (out / "more").mkdir()
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", out, "--overwrite")
+    assert "holds files convert did not write (images/train/extra.png, more/, notes.txt)" in err
+    (out / ".cellseg_convert.json").write_text("[1, 2]")
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", out, "--overwrite")
+    assert ".cellseg_convert.json is not a convert manifest" in err
 
 
 def _files(out: Path) -> list[tuple[str, str, str]]:
@@ -499,3 +533,217 @@ def test_main_help_and_script(tmp_path, capsys):
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )  # fmt: skip
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "Traceback" not in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------- issue 12
+
+
+def test_basename_fallback_never_guesses(tmp_path, capsys):
+    poly = mask_to_polygons(disk(40, 40, 12))
+    z = write_zip(tmp_path / "z.zip", {"annotations/instances_default.json": coco(
+        [image(1, "day1/x.png"), image(2, "day2/x.png"), image(3, "day1/y.png")],
+        [ann(1, 1, 3, poly), ann(2, 2, 3, poly), ann(3, 3, 3, poly)],
+    )})  # fmt: skip
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "x.png").write_bytes(png(seed=1))
+    (raw / "y.png").write_bytes(png(seed=2))  # one record only: the fallback is fine for it
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--images-dir", raw, "--output-dir", tmp_path / "out")
+    assert err.startswith(f"error: {z}: --images-dir: several image records would read one file by its basename: ")
+    assert f"{raw / 'x.png'} <- annotations/instances_default.json image 1 'day1/x.png', " in err
+    assert "image 2 'day2/x.png'" in err and "y.png" not in err and "sub-folders" in err
+    (raw / "day2").mkdir()  # laid out as file_name says: day2/x.png is found, day1/x.png alone falls back
+    (raw / "day2" / "x.png").write_bytes(png(seed=3))
+    summary = convert_coco_zip(z, tmp_path / "out", images_dir=raw)
+    assert summary.instances_written == 3 and not summary.skipped_images
+    by_name = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("images/*/*")}
+    assert by_name == {"day1__x.png": png(seed=1), "day2__x.png": png(seed=3), "day1__y.png": png(seed=2)}
+
+
+def test_one_file_name_in_two_image_records_is_an_error(tmp_path, capsys):
+    poly = mask_to_polygons(disk(40, 40, 12))
+    members = {
+        "annotations/instances_default.json": coco(
+            [image(1, "a.png"), image(2, "a.png"), image(3, "b.png")], [ann(1, 1, 3, poly), ann(2, 2, 7, poly)]
+        ),
+        "images/default/a.png": png(),
+        "images/default/b.png": png(seed=1),
+    }
+    z = write_zip(tmp_path / "z.zip", members)
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "out")
+    assert err == (f"error: {z}: several image records list one file: images/default/a.png <- "
+                   "annotations/instances_default.json image 1 'a.png', annotations/instances_default.json image 2 "
+                   "'a.png'; remove the duplicate image records (one file_name, one record)")  # fmt: skip
+
+
+def _ids_as_strings(doc: dict) -> dict:
+    for im in doc["images"]:
+        im["id"] = str(im["id"])
+    return doc
+
+
+def _unknown_categories(doc: dict) -> dict:
+    for a in doc["annotations"]:
+        a["category_id"] = 99
+    return doc
+
+
+def _no_annotations_key(doc: dict) -> dict:
+    del doc["annotations"]
+    return doc
+
+
+def _broken_polygons(doc: dict) -> dict:
+    for a in doc["annotations"]:
+        a["segmentation"] = [[1, 2, 3, 4]]
+    return doc
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_ids_as_strings, "no instance to write: image ids are strings, annotation image_ids are integers: none of its 2 "
+                      "annotations gave an instance (unknown_image: 2); fix the export"),
+    (_unknown_categories, "no instance to write: none of its 2 annotations gave an instance (unknown_category: 2)"),
+    (_no_annotations_key, "no instance to write: no 'annotations' list in annotations/instances_default.json; fix "
+                          "the export, or pass --allow-empty for a background-only set"),
+    (lambda d: {**d, "annotations": []}, "no instance to write: its annotation files list no annotations"),
+    (_broken_polygons, "none of its 2 annotations gave an instance (invalid_polygon: 2)"),
+])  # fmt: skip
+def test_a_conversion_without_instances_is_an_error(tmp_path, capsys, edit, says):
+    z = simple_zip(tmp_path / "z.zip")
+    with zipfile.ZipFile(z) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    doc = edit(json.loads(members["annotations/instances_default.json"]))
+    members["annotations/instances_default.json"] = json.dumps(doc).encode()
+    z = write_zip(tmp_path / "z.zip", members)
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "out")
+    assert err.startswith(f"error: {z}: ") and says in err
+    if "annotations" in doc and doc["annotations"]:  # annotations that all fail: --allow-empty does not hide them
+        err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "out", "--allow-empty")
+        assert says in err
+
+
+def test_allow_empty_writes_a_background_only_set(tmp_path, capsys):
+    z = simple_zip(tmp_path / "z.zip", annotations=[])
+    assert run_main("--coco-zip", z, "--output-dir", tmp_path / "out", "--allow-empty") == 0
+    assert "images: 2 (train 1, val 1), 2 without instances (background)" in capsys.readouterr().out
+    assert all(p.read_text() == "" for p in (tmp_path / "out").glob("labels/*/*.txt"))
+
+
+def test_repeated_category_names_are_merged(tmp_path):
+    cats = [{"id": 1, "name": "cell"}, {"id": 2, "name": "cell"}, {"id": 3, "name": "droplet"}]
+    poly = mask_to_polygons(disk(40, 40, 12))
+    members = {
+        "annotations/instances_default.json": coco(
+            [image(1, "a.png"), image(2, "b.png")], [ann(1, 1, 1, poly), ann(2, 1, 2, poly), ann(3, 2, 3, poly)], cats
+        ),
+        "images/default/a.png": png(),
+        "images/default/b.png": png(seed=1),
+    }
+    out = tmp_path / "out"
+    summary = convert_coco_zip(write_zip(tmp_path / "z.zip", members), out)
+    assert yaml.safe_load((out / "dataset.yaml").read_text())["names"] == {0: "cell", 1: "droplet"}
+    assert summary.instances == {0: 2, 1: 1} and summary.notes["merged_categories"] == 1
+    assert "merged_categories: 1 - categories sharing a name" in summary.format() and "'cell': ids 1, 2" in summary.format()
+    assert [c for c, _ in read_labels(next(out.glob("labels/*/a.txt")))] == [0, 0]
+
+
+def test_huge_coordinates_are_a_named_skip_without_numpy_warnings(tmp_path):
+    import warnings
+
+    poly = mask_to_polygons(disk(40, 40, 12))
+    anns = [ann(1, 1, 3, poly), ann(2, 1, 3, [[1e308, 1e308, -1e308, 5, 5, -1e308]]), ann(3, 1, 3, [[-1e9, -1e9, 1e9,
+            -1e9, 1e9, 1e9, -1e9, 1e9]])]  # fmt: skip
+    members = {"annotations/instances_default.json": coco([image(1, "a.png")], anns), "images/default/a.png": png()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy overflow warning would fail here
+        summary = convert_coco_zip(write_zip(tmp_path / "z.zip", members), tmp_path / "out")
+    assert summary.skipped_annotations == {"coordinates_out_of_range": 1} and summary.instances_written == 2
+    assert "coordinates_out_of_range: 1 - polygon coordinates beyond +-1e12 px" in summary.format()
+
+
+def test_output_below_a_file_names_the_users_path(tmp_path, capsys):
+    z = simple_zip(tmp_path / "z.zip")
+    (tmp_path / "f").write_text("a file")
+    err = _fatal(tmp_path, capsys, "--coco-zip", z, "--output-dir", tmp_path / "f" / "x")
+    assert err == (f"error: {tmp_path / 'f' / 'x'}: cannot be created: {tmp_path / 'f'} is a file; "
+                   "choose another --output-dir")  # fmt: skip
+
+
+def test_convert_log_lines_are_printed_once(tmp_path):
+    members = {"annotations/instances_default.json": coco(
+        [image(1, "a.png"), image(2, "gone.png")], [ann(1, 1, 3, mask_to_polygons(disk(40, 40, 12)))]
+    ), "images/default/a.png": png()}  # fmt: skip
+    z = write_zip(tmp_path / "z.zip", members)
+    for command in ([sys.executable, "-m", "cellseg_pl", "convert"], [sys.executable, str(REPO / "scripts" /
+                                                                                        "convert_coco_to_yolo.py")]):
+        out = tmp_path / f"out{len(command)}"
+        done = subprocess.run([*command, "--coco-zip", str(z), "--output-dir", str(out)], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        line = "skipped annotations/instances_default.json: image 2 'gone.png': file in neither the zip nor --images-dir"
+        assert done.stderr.splitlines().count(line) == 1, done.stderr
+
+
+# a convert killed with SIGKILL at a chosen point (a real kill -9: no cleanup code runs)
+_KILLED = """
+import os, signal, sys
+import cellseg_pl.convert as cv, cellseg_pl.outdir as od
+
+def die(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+point, real_write, real_exchange, real_replace = sys.argv[1], cv._split_and_write, od._exchange, os.replace
+if point == "while_staging":
+    cv._split_and_write = lambda *a: (real_write(*a), die())
+elif point == "after_exchange":
+    od._exchange = lambda a, b: die() if real_exchange(a, b) else sys.exit(77)
+elif point == "between_renames":  # the fallback where renameat2(RENAME_EXCHANGE) is not supported
+    od._exchange = lambda a, b: False
+    os.replace = lambda a, b: (real_replace(a, b), ".convert-old-" in str(b) and die())
+sys.exit(cv.main(sys.argv[2:]))
+"""
+
+
+def _complete(out: Path) -> int:
+    """The number of images of the complete data set in ``out`` (every file its manifest lists is there)."""
+    files = json.loads((out / ".cellseg_convert.json").read_text())["files"]
+    assert all((out / f).is_file() for f in files)
+    return sum(f.startswith("images/") for f in files)
+
+
+@pytest.mark.parametrize("point, left", [("while_staging", 5), ("after_exchange", 3), ("between_renames", 5)])
+def test_overwrite_killed_anywhere_leaves_a_complete_set_and_the_next_run_cleans_up(tmp_path, caplog, point, left):
+    out = tmp_path / "out"
+    convert_coco_zip(simple_zip(tmp_path / "old.zip", n_images=5), out)
+    z = simple_zip(tmp_path / "new.zip", n_images=3)
+    (tmp_path / "killed.py").write_text(_KILLED)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "killed.py"), point, "--coco-zip", str(z), "--output-dir", str(out),
+         "--overwrite"], capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    if done.returncode == 77:
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
+    assert done.returncode == -9, done.stderr
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.convert-")]
+    assert hidden  # what the kill left behind
+    if point == "between_renames":  # the old set is complete under its hidden name
+        assert not out.exists() and _complete(tmp_path / hidden[0]) == 5
+    else:
+        assert _complete(out) == left
+    caplog.set_level("WARNING", logger="cellseg_pl")
+    convert_coco_zip(z, out, overwrite=True)
+    assert _complete(out) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.py", "new.zip", "old.zip", "out"]
+    verb = "restored" if point == "between_renames" else "removed"
+    assert any(r.message.startswith(verb) and "killed convert" in r.message or "was killed" in r.message
+               for r in caplog.records), caplog.text  # fmt: skip
+
+
+def test_staging_folders_of_running_converts_are_left_alone(tmp_path):
+    out = tmp_path / "out"
+    live = tmp_path / f".out.convert-staging-{os.getppid()}"  # a running process (our parent)
+    live.mkdir()
+    look_alike = tmp_path / ".out.convert-staging-abc"
+    look_alike.mkdir()
+    convert_coco_zip(simple_zip(tmp_path / "z.zip"), out)
+    assert live.is_dir() and look_alike.is_dir() and _complete(out) == 2
