@@ -12,8 +12,9 @@ Safety, after the guide's "always back up your current model":
 
 * an existing file is never replaced, whatever the flags: a new model gets a new version name
   (``yolov8s_cells_v2.0.pt``, ``v2.1``, ...);
-* the file is written to a temporary name next to the target and only then linked into place, so a crash
-  never leaves a half-written model where a model is expected;
+* the file is written to a temporary name next to the target (``.<name>.pt.partial-<pid>``) and only then linked
+  into place, so a crash never leaves a half-written model where a model is expected; the next export into that
+  folder removes the temporary files of killed exports (only those whose process is gone);
 * a network with NaN/Inf weights (a diverged run), or with ``--half`` weights beyond float16's range, is refused.
 
 Example:
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from cellseg_pl.model import ModelError, load_ultralytics_checkpoint, load_weights, save_ultralytics_checkpoint
+from cellseg_pl.outdir import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,7 @@ def export_model(ckpt: str | Path, output: str | Path, half: bool = False) -> Pa
     _check_finite(net, ckpt, half)
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(output.parent)
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
     try:
         try:
@@ -157,6 +161,26 @@ def export_model(ckpt: str | Path, output: str | Path, half: bool = False) -> Pa
         tmp.unlink(missing_ok=True)
     log.debug("exported %s -> %s (%d classes: %s, imgsz %s)", ckpt, output, len(names), names, info.get("imgsz"))
     return output
+
+
+#: The temporary name :func:`export_model` writes to: ``.<model file>.partial-<pid>``.
+_PARTIAL_RE = re.compile(r"^\.(?P<name>.+\.pt)\.partial-(?P<pid>\d+)$")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete the half-written model files killed exports left in ``folder``; returns them.
+
+    Only files named as :func:`export_model` names them (``.<name>.pt.partial-<pid>``) whose process is no longer
+    running are removed; each is logged.
+    """
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _PARTIAL_RE.match(entry.name)
+        if match and entry.is_file() and not entry.is_symlink() and not pid_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            log.warning("removed %s, left by a killed export (pid %s, no longer running)", entry, match["pid"])
+            removed.append(entry)
+    return removed
 
 
 def _publish(tmp: Path, output: Path) -> None:

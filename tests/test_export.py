@@ -327,3 +327,25 @@ def test_other_class_names_warn(built, caplog):
         net = build_network(str(built["pt"]), 1, {0: "blob"})
     assert net.names == {0: "blob"}
     assert "was trained on classes {0: 'cell'}, the data names them {0: 'blob'}" in caplog.text
+
+
+def test_stale_partial_files_of_killed_exports_are_removed(tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    from cellseg_pl.export import remove_stale_partials
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has ended
+    stale = tmp_path / f".yolov8s_cells_v2.0.pt.partial-{pid}"
+    stale.write_bytes(b"half a model")
+    running = tmp_path / f".yolov8s_cells_v2.1.pt.partial-{os.getpid()}"  # an export still running
+    running.write_bytes(b"being written")
+    theirs = [tmp_path / f".notes.txt.partial-{pid}", tmp_path / f"yolov8s.pt.partial-{pid}", tmp_path / "x.pt"]
+    for path in theirs:
+        path.write_bytes(b"not ours")
+    caplog.set_level("WARNING", logger="cellseg_pl")
+    assert remove_stale_partials(tmp_path) == [stale]
+    assert not stale.exists() and running.exists() and all(p.exists() for p in theirs)
+    assert f"removed {stale}, left by a killed export (pid {pid}, no longer running)" in caplog.text
