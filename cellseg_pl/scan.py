@@ -29,6 +29,7 @@ odd number of coordinates, fewer than 3     line skipped (the image is kept), co
 points, not a number (incl. NaN/Inf)
 label file missing or empty                 background image (kept), counted
 no usable image left in a split             **fatal**
+label lines, but not one usable in a split  **fatal** (every image would be background)
 ==========================================  =======================================================================
 
 A fatal problem raises :class:`~cellseg_pl.dataset.DatasetError` with one line naming the first file (and line),
@@ -317,6 +318,9 @@ def scan_split(
     result.seconds = time.perf_counter() - start
     if not result.images:
         raise DatasetError(f"{split}: none of the {len(images):,} images is usable; {result.summary()}")
+    n_bad = sum(len(v) for v in result.skipped_lines.values())
+    if n_bad and not result.cells:  # not a background set: labels it cannot read (training would learn "no cells")
+        raise DatasetError(f"{split}: none of its {n_bad:,} label lines is usable; fix the labels ({result.summary()})")
     if log_summary:
         log.info(result.summary())
     return result

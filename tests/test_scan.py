@@ -244,3 +244,22 @@ def test_val_image_also_in_train_is_warned_about(tiny_data, tmp_path, caplog):
         dm.setup("fit")
     assert "1 val image(s) also in train (same bytes), e.g. " in caplog.text
     assert len(dm.train_dataloader().dataset) == 8 and len(dm.val_dataloader().dataset) == 5
+
+
+def test_a_split_whose_every_label_line_is_invalid_is_fatal(tmp_path):
+    root = tmp_path / "d"
+    imgs = [add(root, f"{i}.png", picture(i), "0 0.1 0.2 0.3\n0 0.1 nan 0.3 0.4 0.5 0.6\n") for i in range(2)]
+    imgs.append(add(root, "bg.png", picture(5), ""))
+    with pytest.raises(DatasetError, match=r"^train: none of its 4 label lines is usable; fix the labels \(train: 3 "):
+        scan_split(imgs, 1, "train", root)
+    assert scan_split(imgs[2:], 1, "train", root).background == 1  # background only (no label lines): allowed
+
+
+def test_fit_refuses_a_data_set_without_one_usable_label_line(tiny_data, tmp_path, capsys):
+    yaml = demo_copy(tiny_data, tmp_path / "data")
+    for label in (yaml.parent / "labels" / "train").glob("*.txt"):
+        label.write_text("".join(line.split()[0] + " 0.5\n" for line in label.read_text().splitlines()))
+    assert main(fit_args(yaml, tmp_path, "nolabels", 1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: train: none of its ") and "label lines is usable; fix the labels" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "nolabels" / "weights").exists()
