@@ -98,7 +98,8 @@ def check_output_dir(out: Path, overwrite: bool, inputs: list[Path], flag: str =
     listed = _manifest_files(out, home)
     unrelated = _unlisted(out, listed)
     if unrelated:
-        shown = ", ".join(unrelated[:_SHOWN]) + (f" and {len(unrelated) - _SHOWN} more" if len(unrelated) > _SHOWN else "")
+        more = f" and {len(unrelated) - _SHOWN} more" if len(unrelated) > _SHOWN else ""
+        shown = ", ".join(unrelated[:_SHOWN]) + more
         raise OutputDirError(
             out,
             f"holds files convert did not write ({shown}); --overwrite only replaces a data set convert wrote",

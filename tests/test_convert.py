@@ -643,7 +643,8 @@ def test_repeated_category_names_are_merged(tmp_path):
     summary = convert_coco_zip(write_zip(tmp_path / "z.zip", members), out)
     assert yaml.safe_load((out / "dataset.yaml").read_text())["names"] == {0: "cell", 1: "droplet"}
     assert summary.instances == {0: 2, 1: 1} and summary.notes["merged_categories"] == 1
-    assert "merged_categories: 1 - categories sharing a name" in summary.format() and "'cell': ids 1, 2" in summary.format()
+    text = summary.format()
+    assert "merged_categories: 1 - categories sharing a name" in text and "'cell': ids 1, 2" in text
     assert [c for c, _ in read_labels(next(out.glob("labels/*/a.txt")))] == [0, 0]
 
 
@@ -680,7 +681,8 @@ def test_convert_log_lines_are_printed_once(tmp_path):
         done = subprocess.run([*command, "--coco-zip", str(z), "--output-dir", str(out)], capture_output=True,
                               text=True, cwd=REPO, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        line = "skipped annotations/instances_default.json: image 2 'gone.png': file in neither the zip nor --images-dir"
+        line = ("skipped annotations/instances_default.json: image 2 'gone.png': file in neither the zip nor "
+                "--images-dir")
         assert done.stderr.splitlines().count(line) == 1, done.stderr
 
 
