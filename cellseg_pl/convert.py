@@ -44,16 +44,8 @@ import cv2
 import numpy as np
 import yaml
 
-from cellseg_pl.coco import (
-    ZIP_READ_ERRORS,
-    CocoError,
-    CocoSubset,
-    CocoZip,
-    count_reason,
-    open_coco_zip,
-    reason_lines,
-    unsafe_path_reason,
-)
+from cellseg_pl.coco import CocoError, count_reason, reason_lines
+from cellseg_pl.cvat_zip import ZIP_READ_ERRORS, CocoSubset, CocoZip, open_coco_zip, unsafe_path_reason
 from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image
 from cellseg_pl.outdir import check_output_dir, remove_stale, staging_folder, swap_into_place, write_manifest
 from cellseg_pl.yolo_label import annotation_outline, normalized_text

@@ -85,8 +85,12 @@ def run_ultralytics(a: argparse.Namespace, out: Path, name: str = "ultralytics")
             "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.pt"), "best": str(weights / "best.pt")}
 
 
-def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl") -> dict:
-    """Train with cellseg_pl's CLI (``configs/demo.yaml`` overridden by the same knobs) into ``out/name``."""
+def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extra_args: tuple[str, ...] = ()) -> dict:
+    """Train with cellseg_pl's CLI (``configs/demo.yaml`` overridden by the same knobs) into ``out/name``.
+
+    ``extra_args``: further CLI arguments, given last so they win (e.g. ``("--model.optimizer", "AdamW",
+    "--model.lr0", "0.0005")`` to fine-tune as the README advises).
+    """
     import lightning as L
 
     from cellseg_pl.__main__ import configure_environment
@@ -122,6 +126,7 @@ def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl") -> d
     ]
     for key, value in recipe(a).items():
         args += [f"--data.{key}", str(value)]
+    args += list(extra_args)
     cli = CellSegCLI(args=args, run=False)
     cli.trainer.callbacks.append(Timer())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -216,19 +221,34 @@ def evaluate(weights: str, data: str, imgsz: int, split: str = "val", conf: floa
     }
 
 
+def true_instances(path: Path, height: int, width: int, num_classes: int):
+    """The true instances of an image from its label file, as the evaluator scores them.
+
+    Returns:
+        ``(masks, labels)``: ``(n, height, width)`` bool tensor of the non-empty rasterized instances (a later
+        polygon covers an earlier one where they overlap) and their ``(n,)`` long class indices.
+    """
+    import numpy as np
+    import torch
+
+    from cellseg_pl.dataset import rasterize, read_label
+    from cellseg_pl.label_file import label_path_for
+
+    classes, polygons, _ = read_label(label_path_for(Path(path)), num_classes)
+    inst, order = rasterize(polygons, height, width)
+    ids = [k + 1 for k in range(len(order)) if (inst == k + 1).any()]
+    masks = torch.from_numpy(np.stack([inst == k for k in ids]) if ids else np.zeros((0, height, width), bool))
+    labels = torch.as_tensor([int(classes[order[k - 1]]) for k in ids], dtype=torch.long)
+    return masks, labels
+
+
 def _score_image(path: Path, image, found: list, num_classes: int, mean_ap, cells: dict) -> None:
     """Add one image's detections (``cellseg_pl.predict.Instance`` list) and its label file to the metrics."""
     import numpy as np
     import torch
 
-    from cellseg_pl.dataset import label_path_for, rasterize, read_label
-
     h, w = image.shape[:2]
-    classes, polygons, _ = read_label(label_path_for(path), num_classes)
-    inst, order = rasterize(polygons, h, w)
-    ids = [k + 1 for k in range(len(order)) if (inst == k + 1).any()]
-    gt_masks = torch.from_numpy(np.stack([inst == k for k in ids]) if ids else np.zeros((0, h, w), bool))
-    gt_labels = torch.as_tensor([int(classes[order[k - 1]]) for k in ids], dtype=torch.long)
+    gt_masks, gt_labels = true_instances(path, h, w, num_classes)
     found = [d for d in found if d.area > 0]
     pred_masks = torch.from_numpy(np.stack([d.full_mask(h, w) for d in found]) if found else np.zeros((0, h, w), bool))
     pred = {"masks": pred_masks, "boxes": torch.tensor([d.box for d in found], dtype=torch.float32).view(-1, 4),

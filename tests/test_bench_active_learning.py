@@ -1,0 +1,254 @@
+"""scripts/bench_active_learning.py: selection, cost accounting and labels-to-reach on tiny synthetic data.
+
+No download and no training: the strategies get made-up uncertainty scores, the costs made-up errors.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_active_learning as al  # noqa: E402
+import bench_common  # noqa: E402
+
+from cellseg_pl.dataset import load_dataset_yaml  # noqa: E402
+from cellseg_pl.predict import Instance  # noqa: E402
+
+
+def names(frames: int = 6, windows: int = 3) -> list[str]:
+    return [f"t{f:03d}_y0000_x{320 * w:04d}.png" for f in range(frames) for w in range(windows)]
+
+
+def test_tile_key_and_near_duplicates():
+    assert al.tile_key("t007_y0288_x0640.png") == (7, 288, 640)
+    assert al.tile_key("sub/t007_y0288_x0640.png") == (7, 288, 640)
+    assert al.tile_key("image_1.png") is None
+    assert al.near_duplicate("t003_y0000_x0000.png", "t005_y0000_x0000.png", 2)
+    assert not al.near_duplicate("t003_y0000_x0000.png", "t006_y0000_x0000.png", 2)
+    assert not al.near_duplicate("t003_y0000_x0000.png", "t003_y0000_x0320.png", 2)  # another window
+    assert not al.near_duplicate("a.png", "a.png", 2)  # unknown layout: never a near-duplicate
+
+
+def test_strategies_pick_k_new_tiles():
+    pool = names()
+    labelled = pool[:2]
+    candidates = [n for n in pool if n not in labelled]
+    scores = {n: i / 100 for i, n in enumerate(candidates)}  # the last names are the most uncertain
+    for strategy in al.STRATEGIES:
+        picks = al.choose(strategy, candidates, 5, al.strategy_rng(0, strategy, 1), scores, labelled)
+        assert len(picks) == len(set(picks)) == 5 and set(picks) <= set(candidates), strategy
+    # random: reproducible per seed x strategy x cycle, different across seeds
+    first = al.choose("random", candidates, 5, al.strategy_rng(0, "random", 1))
+    assert first == al.choose("random", candidates, 5, al.strategy_rng(0, "random", 1))
+    assert first != al.choose("random", candidates, 5, al.strategy_rng(1, "random", 1))
+    # uncertainty: select's top k, most uncertain first
+    assert al.choose("uncertainty", candidates, 3, None, scores) == candidates[::-1][:3]
+    # mixed: the top 3 of 4, then one random pick from the rest
+    mixed = al.choose("mixed", candidates, 4, al.strategy_rng(0, "mixed", 1), scores, random_share=0.25)
+    assert mixed[:3] == candidates[::-1][:3] and mixed[3] not in candidates[::-1][:3]
+    assert al.choose("mixed", candidates, 4, al.strategy_rng(0, "mixed", 1), scores, random_share=0) == \
+        candidates[::-1][:4]
+    # all of a small pool
+    assert sorted(al.choose("random", candidates[:2], 5, al.strategy_rng(0, "random", 1))) == sorted(candidates[:2])
+    with pytest.raises(ValueError, match="needs the uncertainty"):
+        al.choose("uncertainty", candidates, 3, None, None)
+    with pytest.raises(ValueError, match="no score"):
+        al.choose("diverse", candidates, 3, None, {candidates[0]: 1.0})
+
+
+def test_diverse_skips_neighbouring_frames_of_a_window():
+    pool = names(frames=9, windows=2)
+    # window x0000 is far more uncertain than x0320, and later frames more than earlier ones
+    scores = {n: (10 if "x0000" in n else 0) + al.tile_key(n)[0] / 10 for n in pool}
+    picks = al.choose("diverse", pool, 4, None, scores, labelled=[], near_frames=2)
+    assert picks[:3] == ["t008_y0000_x0000.png", "t005_y0000_x0000.png", "t002_y0000_x0000.png"]
+    assert picks[3] == "t008_y0000_x0320.png"  # not t007 of window x0000: a neighbour of t008
+    assert al.choose("uncertainty", pool, 2, None, scores) == ["t008_y0000_x0000.png", "t007_y0000_x0000.png"]
+    # neighbours of what is labelled are skipped too; when nothing else is left, skipped ones fill the batch
+    labelled = ["t004_y0000_x0000.png"]
+    rest = [n for n in pool if "x0000" in n and n not in labelled]
+    picks = al.choose("diverse", rest, len(rest), None, {n: scores[n] for n in rest}, labelled)
+    assert sorted(picks) == sorted(rest)
+    assert picks[:2] == ["t008_y0000_x0000.png", "t001_y0000_x0000.png"]  # t007/t006/t005 are neighbours
+
+
+def test_costs_and_rows():
+    cells = {"a": 10, "b": 4, "c": 7, "d": 0}
+    seed_cost = al.batch_cost(["a", "b"], cells, None)  # no model: every cell drawn by hand
+    assert seed_cost == {"new_images": 2, "new_cells": 14, "new_fp": 0, "new_fn": 14, "new_corrections": 14}
+    first = al.cycle_row("random", 0, 0, ["a", "b"], seed_cost, cells, {"F1@0.5": 0.5, "mAP50-95(M)": 0.2})
+    assert (first["labelled_images"], first["labelled_cells"], first["cum_corrections"]) == (2, 14, 14)
+    assert (first["added_images"], first["added_corrections"], first["F1"]) == (0, 0, 0.5)
+    assert math.isnan(first["count_MAE"])
+    cost = al.batch_cost(["c", "d"], cells, {"c": (1, 2), "d": (3, 0)})
+    assert cost == {"new_images": 2, "new_cells": 7, "new_fp": 4, "new_fn": 2, "new_corrections": 6}
+    second = al.cycle_row("random", 0, 1, ["a", "b", "c", "d"], cost, cells, {"F1@0.5": 0.6}, first, first)
+    assert (second["labelled_images"], second["labelled_cells"], second["cum_corrections"]) == (4, 21, 20)
+    assert (second["added_images"], second["added_cells"], second["added_corrections"]) == (2, 7, 6)
+    third = al.cycle_row("random", 0, 2, ["a", "b", "c", "d", "e"], {**cost, "new_corrections": 1},
+                         {**cells, "e": 1}, {}, second, first)
+    assert (third["cum_corrections"], third["added_corrections"], third["added_images"]) == (21, 7, 3)
+    with pytest.raises(ValueError, match="previous"):
+        al.cycle_row("random", 0, 1, ["a"], cost, cells, {})
+    assert set(al.CSV_FIELDS) <= set(second) | {"fit_s", "select_s", "weights"}
+
+
+def _disc(h: int, w: int, cy: int, cx: int, r: int) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _instance(mask: np.ndarray, score: float) -> Instance:
+    ys, xs = np.nonzero(mask)
+    y0, x0 = ys.min(), xs.min()
+    return Instance(score, 0, int(x0), int(y0), mask[y0 : ys.max() + 1, x0 : xs.max() + 1])
+
+
+def test_image_errors_are_fp_plus_fn_at_iou_05_and_conf_025():
+    h = w = 64
+    cell1, cell2 = _disc(h, w, 16, 16, 8), _disc(h, w, 45, 45, 8)
+    gt = torch.from_numpy(np.stack([cell1, cell2]))
+    labels = torch.zeros(2, dtype=torch.long)
+    found = [_instance(cell1, 0.9), _instance(_disc(h, w, 16, 45, 6), 0.5), _instance(cell2, 0.1)]
+    # cell1 found; a droplet where there is none (FP); cell2 only below conf 0.25 (FN)
+    assert al.image_errors(found, gt, labels, h, w) == (1, 1, 1)
+    assert al.image_errors(found, gt, labels, h, w, conf=0.05) == (2, 1, 0)
+    shifted = _instance(np.roll(cell1, 9, axis=1), 0.9)  # IoU < 0.5 with cell1: one FP and one FN
+    assert al.image_errors([shifted], gt[:1], labels[:1], h, w) == (0, 1, 1)
+    assert al.image_errors([], gt, labels, h, w) == (0, 0, 2)
+
+
+def synthetic_rows() -> list[dict]:
+    """random reaches F1 0.8 with 30 added images; uncertainty gets there at 15; slow never does."""
+    curves = {"random": [0.5, 0.6, 0.7, 0.8], "uncertainty": [0.5, 0.7, 0.9, 0.9], "slow": [0.5, 0.55, 0.6, 0.65]}
+    rows = []
+    for strategy, f1 in curves.items():
+        for seed, noise in ((0, -0.02), (1, 0.02)):
+            for cycle, y in enumerate(f1):
+                per_image = {"random": 2, "uncertainty": 4, "slow": 1}[strategy]
+                corr = 10 * cycle * per_image + (seed if cycle else 0)
+                rows.append({"strategy": strategy, "seed": seed, "cycle": cycle, "added_images": 10 * cycle,
+                             "added_corrections": corr, "F1": y + (noise if cycle else 0)})
+    return rows
+
+
+def test_mean_curve_and_labels_to_reach():
+    rows = synthetic_rows()
+    xs, mean, std = al.mean_curve(rows, "random", "added_images")
+    assert xs.tolist() == [0, 10, 20, 30] and mean == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert std[0] == 0 and std[1] == pytest.approx(0.04 / math.sqrt(2))
+    xs, _, _ = al.mean_curve(rows, "random", "added_corrections")
+    assert xs.tolist() == [0, 20.5, 40.5, 60.5]  # x averaged over the seeds
+    # a cycle only one seed has reached is left out
+    partial = rows + [{"strategy": "random", "seed": 0, "cycle": 4, "added_images": 40, "added_corrections": 80,
+                       "F1": 0.95}]
+    assert al.mean_curve(partial, "random", "added_images")[0].tolist() == [0, 10, 20, 30]
+
+    assert al.labels_to_reach([0, 10, 20], [0.5, 0.7, 0.9], 0.8) == pytest.approx(15)
+    assert al.labels_to_reach([0, 10, 20], [0.5, 0.7, 0.9], 0.4) == 0
+    assert al.labels_to_reach([0, 10, 20], [0.5, 0.7, 0.9], 0.95) is None
+    assert al.labels_to_reach([0, 10, 20, 30], [0.5, 0.9, 0.6, 0.95], 0.8) == pytest.approx(7.5)  # the first crossing
+
+    summary = {s["strategy"]: s for s in al.reach_summary(rows, ["random", "uncertainty", "slow"])}
+    assert summary["random"]["target"] == pytest.approx(0.8)
+    assert summary["random"]["images"] == pytest.approx(30) and summary["random"]["images_share"] == pytest.approx(1)
+    assert summary["uncertainty"]["images"] == pytest.approx(15)
+    assert summary["uncertainty"]["images_share"] == pytest.approx(0.5)
+    # in corrections: uncertainty's images cost twice as much; reaches at 15 images ~ 60.5 corrections of 60.5
+    assert summary["uncertainty"]["corrections_share"] == pytest.approx(1.0, abs=0.01)
+    assert summary["slow"]["images"] is None and summary["slow"]["images_share"] is None
+
+    table = al.reach_table(rows, ["random", "uncertainty", "slow"])
+    assert "| uncertainty | 0.900 ± 0.028 | 50 % (15 images) |" in table
+    assert "| slow |" in table and "not reached" in table
+    assert "Per seed" in table and "seed 1" in table
+    with pytest.raises(ValueError, match="random"):
+        al.reach_summary([r for r in rows if r["strategy"] != "random"], ["uncertainty"])
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    out = al.plot_curves(synthetic_rows(), ["random", "uncertainty", "slow"], tmp_path / "learning_curves.png")
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape[:2] == (480, 1200)
+
+
+def test_estimate_and_measured_rates():
+    rates = al.measured_rates(
+        fits=[{"wall_s": 20.0, "train_s": [4.0, 4.0], "val_s": [1.0, 1.0], "images": 4}],
+        selects=[(10, 5.0)], tests=[(12, 6.0)], corrects=[(4, 1.0)], val_images=10,
+    )
+    assert rates == {"fit_overhead_s": 10.0, "train_s_per_image_epoch": 1.0, "val_s_per_image_epoch": 0.1,
+                     "select_s_per_image": 0.5, "test_s_per_image": 0.5, "correct_s_per_image": 0.25}
+    one = dict(pool=10, val=10, test=2, seed_size=2, k=2, cycles=1, epochs=1, seed_epochs=1, strategies=2, seeds=1)
+    # seed fit 10 + 1 * (2 + 1) + test 1; per strategy: fit 10 + 4 + 1, test 1, corrections 0.5; select of 8: 4
+    assert al.estimate_seconds(rates, **one) == pytest.approx(14 + 2 * 16.5 + 4)
+    assert al.estimate_seconds(rates, **{**one, "seeds": 3}) == pytest.approx(3 * 51)
+    assert set(al.FULL) == set(one)
+
+
+def test_true_instances_reads_a_label_file(tmp_path):
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.zeros((40, 40, 3), np.uint8))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.4 0.1 0.4 0.4 0.1 0.4\n0 0.6 0.6 0.9 0.6 0.9 0.9\n")
+    masks, labels = bench_common.true_instances(image, 40, 40, 1)
+    assert masks.shape == (2, 40, 40) and masks.dtype == torch.bool and labels.tolist() == [0, 0]
+    assert 100 <= int(masks[0].sum()) <= 200
+
+
+def test_pool_counts_cells_and_writes_the_labelled_split(tmp_path):
+    root = tmp_path / "dataset"
+    for split, frame in (("train", 0), ("train", 1), ("val", 2), ("test", 3)):
+        for k in range(2):
+            name = f"t{frame:03d}_y0000_x{32 * k:04d}"
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "images" / split / f"{name}.png"), np.zeros((32, 32, 3), np.uint8))
+            lines = ["0 0.1 0.1 0.4 0.1 0.4 0.4 0.1 0.4"] * (frame + k)
+            (root / "labels" / split / f"{name}.txt").write_text("".join(f"{x}\n" for x in lines))
+    (root / "dataset.yaml").write_text("path: .\ntrain: images/train\nval: images/val\ntest: images/test\n"
+                                       "names: {0: nucleus}\n")
+    pool = al.Pool(root / "dataset.yaml")
+    assert pool.sizes == {"train": 4, "val": 2, "test": 2}
+    # overlapping identical polygons: the rasterized truth keeps the last one
+    assert pool.cells == {"t000_y0000_x0000.png": 0, "t000_y0000_x0032.png": 1, "t001_y0000_x0000.png": 1,
+                          "t001_y0000_x0032.png": 1}
+    data = pool.write_yaml(["t001_y0000_x0032.png", "t000_y0000_x0000.png"], tmp_path / "cycle1")
+    spec = load_dataset_yaml(data)
+    assert [p.name for p in spec.splits["train"]] == ["t000_y0000_x0000.png", "t001_y0000_x0032.png"]
+    assert len(spec.splits["val"]) == len(spec.splits["test"]) == 2 and spec.names == {0: "nucleus"}
+
+
+def test_parse_flags(tmp_path):
+    a = al.parse(["--quick"])
+    assert (a.seeds, a.cycles, a.k, a.seed_size, a.epochs, a.train_frames) == ([0], 2, 4, 4, 1, "0-2")
+    a = al.parse([])
+    assert (a.seeds, a.cycles, a.k, a.epochs, a.strategies) == ([0, 1, 2], 5, 12, 10, list(al.STRATEGIES))
+    assert al.parse(["--quick", "--k", "6", "--seeds", "3", "4"]).k == 6
+    for bad in (["--strategies", "uncertainty"], ["--k", "0"], ["--imgsz", "300"], ["--random-share", "2"],
+                ["--seed-model", str(tmp_path / "missing.ckpt")]):
+        with pytest.raises(SystemExit):
+            al.parse(bad)
+
+
+def test_prepare_out_refuses_a_foreign_folder_and_resume_keeps_a_run(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="--out"):
+        al.prepare_out(tmp_path, resume=False)
+    fresh = tmp_path / "bench"
+    al.prepare_out(fresh, resume=False)
+    (fresh / "runs").mkdir()
+    al.prepare_out(fresh, resume=True)
+    assert (fresh / "runs").exists()
+    al.prepare_out(fresh, resume=False)
+    assert not (fresh / "runs").exists()
