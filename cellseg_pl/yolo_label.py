@@ -3,7 +3,7 @@
 Every annotation goes through a mask (pycocotools, as CVAT rasterizes it): polygons with several parts,
 uncompressed RLE (CVAT masks, ``iscrowd: 1``) and compressed RLE all become one outline per instance; disconnected
 parts are joined by zero-width bridges (:func:`annotation_outline`). Skip reasons are the keys of
-``cellseg_pl.convert.ANNOTATION_SKIPS``; fixes made on the way are appended to ``notes`` (keys of its ``NOTES``).
+``cellseg_pl.convert_report.ANNOTATION_SKIPS``; fixes made on the way are appended to ``notes`` (keys of its ``NOTES``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from cellseg_pl.coco import mask_to_polygons, mask_to_rle, polygons_to_mask
-from cellseg_pl.convert import ConvertError, convert_coco_zip, main
+from cellseg_pl.convert import convert_coco_zip, main
+from cellseg_pl.convert_report import ConvertError
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 96, 128
