@@ -48,14 +48,12 @@ from pathlib import Path
 
 import cv2
 
-from cellseg_pl.dataset import (
+from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image
+from cellseg_pl.label_file import (
     NOT_A_NUMBER,
     ODD_COUNT,
     TOO_FEW_POINTS,
     UNKNOWN_CLASS,
-    DatasetError,
-    ImageTooLargeError,
-    decode_image,
     label_path_for,
     parse_label_line,
     read_label_text,
@@ -258,7 +256,7 @@ def scan_split(
     """Check every image and label of a split once and return the images training may use.
 
     Args:
-        images: the split's image files (each label found with :func:`~cellseg_pl.dataset.label_path_for`).
+        images: the split's image files (each label found with :func:`~cellseg_pl.label_file.label_path_for`).
         num_classes: number of classes in ``dataset.yaml``'s ``names``.
         split: split name for messages.
         root: data set root; files are named relative to it in messages.

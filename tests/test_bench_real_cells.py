@@ -17,7 +17,8 @@ import bench_real_cells as bench  # noqa: E402
 
 from cellseg_pl.coco import rle_to_mask  # noqa: E402
 from cellseg_pl.convert import convert_coco_zip  # noqa: E402
-from cellseg_pl.dataset import label_path_for, load_dataset_yaml, rasterize, read_label  # noqa: E402
+from cellseg_pl.dataset import load_dataset_yaml, rasterize, read_label  # noqa: E402
+from cellseg_pl.label_file import label_path_for  # noqa: E402
 
 
 def synthetic_stack(frames: int = 3, h: int = 100, w: int = 150) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -13,12 +13,12 @@ from cellseg_pl.dataset import (
     DatasetError,
     YoloSegDataset,
     instance_boxes,
-    label_path_for,
     load_dataset_yaml,
     rasterize,
     read_image,
     read_label,
 )
+from cellseg_pl.label_file import label_path_for
 from cellseg_pl.transforms import ValTransform
 
 
