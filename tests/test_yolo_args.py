@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from cellseg_pl.__main__ import main as cellseg_main
-from cellseg_pl.yolo_args import GUIDE_STEP3, TABLE, YoloArgError, markdown_table, main, to_cli_args
+from cellseg_pl.yolo_arg_table import TABLE, YoloArgError
+from cellseg_pl.yolo_args import GUIDE_STEP3, markdown_table, main, to_cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
