@@ -729,8 +729,9 @@ def test_overwrite_killed_anywhere_leaves_a_complete_set_and_the_next_run_cleans
     assert done.returncode == -9, done.stderr
     hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.convert-")]
     assert hidden  # what the kill left behind
-    if point == "between_renames":  # the old set is complete under its hidden name
-        assert not out.exists() and _complete(tmp_path / hidden[0]) == 5
+    if point == "between_renames":  # the old set is complete under its hidden name (beside the new one's staging)
+        old = [name for name in hidden if ".convert-old-" in name]
+        assert not out.exists() and len(old) == 1 and _complete(tmp_path / old[0]) == 5
     else:
         assert _complete(out) == left
     caplog.set_level("WARNING", logger="cellseg_pl")
