@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse has already printed usage and the problem
         return int(stop.code or 0)
-    # logging is configured by the entry point (python -m cellseg_pl); the old script gets Python's last-resort
-    # handler, which prints warnings to stderr
+    # logging is configured by the entry points (python -m cellseg_pl, scripts/convert_coco_to_yolo.py)
     try:
         summary = convert_coco_zip(
             args.coco_zip, args.output_dir, args.images_dir, args.val_fraction, args.seed, args.overwrite,
