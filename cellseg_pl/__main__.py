@@ -1,7 +1,10 @@
 """Entry point: ``python -m cellseg_pl <command> ...``.
 
-Training commands go through LightningCLI (``fit``, ``validate``, ``test``, ``predict``; see
-:mod:`cellseg_pl.cli`); the others are plain functions with their own flags (``convert``, ...).
+Training commands go through LightningCLI (``fit``, ``validate``, ``test``; see :mod:`cellseg_pl.cli`); the others
+are plain functions with their own flags (``convert``, ...). ``predict`` is the folder tool
+(:mod:`cellseg_pl.predict`), or LightningCLI's parsing of a run's configuration when given ``--config``,
+``--ckpt_path`` or ``--data.``/``--model.``/``--trainer.`` flags (:func:`lightning_style_predict`); both run
+:func:`cellseg_pl.predict.predict_folder`.
 This is the only place that configures logging and the process environment.
 """
 
@@ -35,10 +38,23 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     ),
     "predict": (
         lambda argv: __import__("cellseg_pl.predict", fromlist=["main"]).main(argv),  # imported only when run
-        "with --images DIR: weights + images -> COCO 1.0 JSON for CVAT (predict --images DIR --help);\n"
-        "             without --images: LightningCLI's predict",
+        "weights + images -> COCO 1.0 JSON for CVAT (predict --help); with --config/--ckpt_path (LightningCLI\n"
+        "             style) from a run's configuration: the same engine and JSON",
     ),
 }
+
+#: ``predict`` arguments that only the LightningCLI style has (a run's configuration): with any of them (and no
+#: ``--images``), ``predict`` is parsed by LightningCLI; otherwise it is the folder tool, ``--help`` included.
+LIGHTNING_PREDICT_FLAGS = ("--config", "-c", "--ckpt_path", "--print_config", "--predictions", "--project", "--name")
+LIGHTNING_PREDICT_PREFIXES = ("--data.", "--model.", "--trainer.", "--seed_everything")
+
+
+def lightning_style_predict(args: list[str]) -> bool:
+    """Whether ``predict args`` asks for LightningCLI's parsing (``--config``, ``--ckpt_path``, ``--data.*``...)."""
+    names = [a.split("=", 1)[0] for a in args if a.startswith("-")]
+    if "--images" in names:
+        return False
+    return any(n in LIGHTNING_PREDICT_FLAGS or n.startswith(LIGHTNING_PREDICT_PREFIXES) for n in names)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -96,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
-    # ``predict --images DIR`` is the CVAT prediction tool; any other ``predict`` goes to LightningCLI
-    folder_predict = any(a == "--images" or a.startswith("--images=") for a in argv[1:])
-    if argv[0] in COMMANDS and (argv[0] != "predict" or folder_predict):
+    # ``predict`` is the CVAT prediction tool unless it is given a run's configuration in LightningCLI's style
+    if argv[0] in COMMANDS and (argv[0] != "predict" or not lightning_style_predict(argv[1:])):
         return COMMANDS[argv[0]][0](argv[1:])
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
@@ -164,6 +164,19 @@ class CellSegCLI(LightningCLI):
             default=None,
             help="predict: COCO 1.0 JSON to write for CVAT (default <project>/<name>/predictions.json; never replaced).",
         )
+        parser.add_argument(
+            "--tile", type=Literal["auto", "on", "off"], default="auto",
+            help="predict: large images on overlapping imgsz windows at full resolution: auto (a side > 2 x imgsz), "
+            "on (a side > imgsz) or off (resize to imgsz), as predict --images.",
+        )  # fmt: skip
+        parser.add_argument(
+            "--tile_overlap", type=Optional[int], default=None,
+            help="predict: overlap of neighbouring windows in px, larger than the biggest object (default imgsz/4).",
+        )  # fmt: skip
+        parser.add_argument(
+            "--save_overlays", type=Optional[str], default=None,
+            help="predict: also write each image with its outlines and counts into this folder.",
+        )  # fmt: skip
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.overlap_mask", "model.overlap_mask")
@@ -297,7 +310,7 @@ class CellSegCLI(LightningCLI):
         elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False
         if self.subcommand == "predict":
-            kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), self._prediction_writer()]
+            self._predict_output()  # before anything is built: a bad --predictions or images folder is one line
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
@@ -315,6 +328,8 @@ class CellSegCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a ``fit`` that fails before writing any checkpoint leaves no files in its run folder."""
+        if subcommand == "predict":
+            return self._predict()
         if subcommand != "fit":
             return super()._run_subcommand(subcommand)
         run_dir = self.run_dir
@@ -327,17 +342,60 @@ class CellSegCLI(LightningCLI):
                 remove_failed_fit_files(run_dir, before, top)
             raise
 
-    def _prediction_writer(self) -> Any:
-        """The writer of ``predict``: COCO 1.0 JSON for CVAT, as ``predict --images`` writes it."""
-        from cellseg_pl.predict import CocoPredictionWriter
-
+    def _predict_output(self) -> Path:
+        """``--predictions`` (default ``<project>/<name>/predictions.json``), checked with ``--data.predict_images``."""
         cfg = self.config[self.subcommand]
         output = Path(cfg.get("predictions") or self.run_dir / "predictions.json")
         if output.exists():
             raise UsageError(f"--predictions: {output} exists; give another file (nothing is replaced)")
-        if not self.datamodule.hparams.predict_images:
+        images = cfg.data.get("predict_images")
+        if not images:
             raise UsageError("--data.predict_images: give the folder of images to predict on")
-        return CocoPredictionWriter(output, self.datamodule.hparams.predict_images, self.model.class_names)
+        if not Path(images).is_dir():
+            what = "is not a folder" if Path(images).exists() else "does not exist"
+            raise UsageError(f"--data.predict_images: {images} {what}; give the folder of images to predict on")
+        return output
+
+    def _predict(self) -> None:
+        """``predict``: the folder tool (:func:`cellseg_pl.predict.predict_folder`) on ``--data.predict_images``, with
+        this run's weights and thresholds, so both spellings of ``predict`` write the same JSON.
+
+        Weights: ``--ckpt_path`` (a file, or ``last``/``best`` of ``<project>/<name>/weights``), else the network
+        ``--model.model`` built (its EMA when kept). Thresholds: ``--model.predict_conf``, ``--model.iou``,
+        ``--model.max_det``, ``--model.min_area``; input size ``--data.imgsz``, batch ``--data.batch_size``; device
+        the trainer's (one device; ``--trainer.precision`` does not apply). Only global rank 0 predicts.
+        """
+        from cellseg_pl.predict import PredictError, predict_folder
+
+        cfg = self.config[self.subcommand]
+        if not self.trainer.is_global_zero:
+            return
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            ckpt = self.run_dir / "weights" / f"{ckpt}.ckpt"
+            if not ckpt.is_file():
+                raise UsageError(f"--ckpt_path {cfg.ckpt_path}: {ckpt} does not exist; give --project/--name of the run")
+        elif ckpt in CKPT_ALIASES:
+            raise UsageError(f"--ckpt_path {ckpt}: predict takes a checkpoint file, last or best")
+        if ckpt is None:
+            weights = self.model.eval_net
+            weights.names = self.model.class_names
+        else:
+            weights = ckpt
+        device = self.trainer.strategy.root_device
+        if self.trainer.world_size > 1:
+            log.info("predict runs on one device: %s", device)
+        h = self.model.hparams
+        try:
+            summary = predict_folder(
+                weights, cfg.data.predict_images, self._predict_output(), device, conf=h.predict_conf, iou=h.iou,
+                imgsz=self.datamodule.hparams.imgsz, max_det=h.max_det, min_area=h.min_area,
+                save_overlays=cfg.get("save_overlays"), tile=cfg.get("tile", "auto"),
+                tile_overlap=cfg.get("tile_overlap"), batch_size=self.datamodule.hparams.batch_size,
+            )  # fmt: skip
+        except PredictError as err:
+            raise UsageError(str(err)) from None
+        print(summary.format())
 
     def after_validate(self) -> None:
         self._report("validation")

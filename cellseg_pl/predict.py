@@ -1,7 +1,14 @@
 """Weights + a folder of images -> COCO 1.0 JSON that CVAT imports as annotations (step 1 of the active-learning cycle).
 
-The engine (network, tiling, merging across windows) is :mod:`cellseg_pl.inference`; this module writes its
-detections as COCO (:func:`predict_folder`, :class:`CocoPredictionWriter`) and is the ``predict`` command line.
+One ``predict``, two ways to call it, one engine (:mod:`cellseg_pl.inference`: tiling, merging across windows) and
+one writer (:func:`predict_folder`):
+
+* the folder tool: ``python -m cellseg_pl predict --model best.ckpt --images DIR --output predictions.json`` (also
+  ``scripts/predict_simple_circles.py``, the lab's old name);
+* from a run's configuration, LightningCLI style: ``python -m cellseg_pl predict --config RUN/config.yaml
+  --ckpt_path RUN/weights/best.ckpt --data.predict_images DIR`` (:class:`cellseg_pl.cli.CellSegCLI` maps
+  ``--model.predict_conf``, ``--model.iou``, ``--model.max_det``, ``--model.min_area``, ``--data.imgsz`` and
+  ``--data.batch_size`` onto the tool's arguments and calls :func:`predict_folder`).
 
 What is written (``predictions.json``):
 
@@ -40,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
 from cellseg_pl.coco import CocoError, build_coco, count_reason, mask_to_polygons, polygons_to_mask, reason_lines
@@ -300,62 +306,6 @@ def _write_json_atomically(data: dict, output: Path) -> None:
 
 
 
-class CocoPredictionWriter(BasePredictionWriter):
-    """LightningCLI ``predict``: the same COCO 1.0 JSON for CVAT as ``predict --images``, from a run's checkpoint.
-
-    ``predict_step`` yields, per image, its file, size and :class:`Instance` list; this turns them into CVAT
-    records as :func:`predict_folder` does (one polygon per object, ``min_area`` filter), gathers them from all
-    processes and writes one file (rank 0) at the end.
-
-    Args:
-        output: the JSON file (refused when it exists: choose another, nothing is replaced).
-        images_root: folder ``file_name`` is relative to (the ``--data.predict_images`` folder).
-        names: class index -> name.
-        min_area: drop objects smaller than this many pixels (the guide's droplet rule: 500).
-    """
-
-    def __init__(self, output: str | Path, images_root: str | Path, names: dict[int, str], min_area: float = 0) -> None:
-        super().__init__(write_interval="batch")
-        self.output, self.root = Path(output), Path(images_root)
-        self.names, self.min_area = dict(names), min_area
-        self._images: list[dict] = []
-        self._annotations: list[dict] = []
-
-    def on_predict_start(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook signature
-        self._images, self._annotations = [], []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001,D102
-        for item in prediction:
-            file = Path(item["im_file"])
-            rel = file.relative_to(self.root).as_posix() if file.is_relative_to(self.root) else file.name
-            h, w = item["ori_shape"]
-            self._images.append({"file_name": rel, "height": int(h), "width": int(w)})
-            for inst in item["instances"]:
-                record, reason, _, _ = coco_annotation(inst, 0, 0)
-                if record is not None and not reason and record["area"] >= self.min_area:
-                    self._annotations.append({**record, "file_name": rel})
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook signature
-        images, annotations = self._images, self._annotations
-        if trainer.world_size > 1:
-            gathered: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, (images, annotations))
-            images = [x for part in gathered for x in part[0]]
-            annotations = [x for part in gathered for x in part[1]]
-        if not trainer.is_global_zero:
-            return
-        images = sorted({im["file_name"]: im for im in images}.values(), key=lambda im: im["file_name"])
-        ids = {im["file_name"]: i for i, im in enumerate(images, start=1)}
-        records = []
-        for k, ann in enumerate(sorted(annotations, key=lambda a: (ids[a["file_name"]], -a["score"])), start=1):
-            records.append({**{key: v for key, v in ann.items() if key != "file_name"}, "id": k,
-                            "image_id": ids[ann["file_name"]]})
-        categories = [{"id": k + 1, "name": self.names[k]} for k in sorted(self.names)]
-        coco = build_coco([{"id": ids[im["file_name"]], **im} for im in images], records, categories)
-        _write_json_atomically(coco, self.output)
-        log.info("wrote %d objects on %d images to %s", len(records), len(images), self.output)
-
-
 # --------------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------------
@@ -414,12 +364,25 @@ def run_tool(parser: argparse.ArgumentParser, argv: list[str] | None, run) -> in
     return 0
 
 
+#: ``predict --help``: how to predict from a run's configuration instead (LightningCLI style).
+LIGHTNING_STYLE_HELP = """\
+from a run's configuration instead (LightningCLI style; the same engine, tiling and JSON):
+  python -m cellseg_pl predict --config RUN/config.yaml --ckpt_path RUN/weights/best.ckpt \\
+      --data.predict_images DIR [--predictions FILE] [--model.predict_conf 0.25] [--model.min_area 500] \\
+      [--tile auto|on|off] [--tile_overlap PX] [--save_overlays DIR]
+  (--config, --ckpt_path or any --data./--model./--trainer. flag selects it; the thresholds are the run's
+  --model.predict_conf/iou/max_det/min_area, the input size --data.imgsz; default output
+  <project>/<name>/predictions.json, never replaced; all its options: predict --config RUN/config.yaml --help)"""
+
+
 def _parser() -> argparse.ArgumentParser:
     """Flags of the lab's ``predict_simple_circles.py`` plus ours (dash and underscore spellings)."""
     p = argparse.ArgumentParser(
         prog="python -m cellseg_pl predict",
         description="Predict a folder of images and write COCO 1.0 JSON that CVAT imports as annotations "
         "(polygons at the original resolution, with scores).",
+        epilog=LIGHTNING_STYLE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     p.add_argument("--model", required=True, help="cellseg_pl .ckpt or Ultralytics -seg .pt (trusted files only)")
