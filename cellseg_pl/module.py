@@ -14,11 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 
+from cellseg_pl.inference import Window, instances_from
 from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric, targets_from_batch
 from cellseg_pl.model import attach_loss, build_network, network_yaml, split_outputs
 from cellseg_pl.optim import EMA, build_optimizer, resolve_optimizer, schedule, warmup_iterations
 from cellseg_pl.postprocess import postprocess
-from cellseg_pl.inference import Window, instances_from
 
 log = logging.getLogger(__name__)
 
