@@ -16,6 +16,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+#: Optimizers cellseg_pl builds (Ultralytics also has Adamax, NAdam, RAdam, RMSProp, MuSGD).
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "auto")
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-#: Optimizers cellseg_pl builds (Ultralytics also has Adamax, NAdam, RAdam, RMSProp, MuSGD).
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "auto")
+from cellseg_pl.optim import OPTIMIZERS
 
 
 class YoloArgError(ValueError):
