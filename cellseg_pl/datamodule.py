@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from cellseg_pl.cache import CACHE_MODES, ImageCache, available_memory
 from cellseg_pl.dataset import IMAGE_SUFFIXES, Collate, DatasetError, YoloSegDataset, load_dataset_yaml
 from cellseg_pl.scan import ScanResult, scan_split, shared_images
-from cellseg_pl.transforms import TrainTransform, ValTransform
+from cellseg_pl.transforms import AUGMENTATION_KNOBS, TrainTransform, ValTransform
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,9 @@ class CellSegDataModule(L.LightningDataModule):
         for split in ("train", "val"):
             if not self.spec.splits.get(split):
                 raise DatasetError(f"--data.dataset: {dataset}: the '{split}' split has no images")
-        self.train_transform = TrainTransform(
-            imgsz, degrees, translate, scale, shear, perspective, flipud, fliplr, hsv_h, hsv_s, hsv_v, mosaic, mixup,
-            copy_paste, copy_paste_mode=copy_paste_mode,
-        )
+        # the augmentation knobs are TrainTransform's own parameters, passed by name (tests/test_datamodule.py
+        # checks that this signature repeats them with the same names, types and defaults)
+        self.train_transform = TrainTransform(imgsz, **{k: self.hparams[k] for k in AUGMENTATION_KNOBS})
         # Shared memory: persistent loader workers read the current epoch from it (augmentation seeds).
         self._epoch = multiprocessing.Value("i", 0, lock=False)
         self._scans: dict[str, ScanResult] = {}

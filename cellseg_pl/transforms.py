@@ -13,10 +13,11 @@ maps one to one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import multiprocessing
 import os
-from typing import Any
+from typing import Any, Literal
 
 # Albumentations asks PyPI for a newer version when imported (a network call, 2 s timeout); cellseg_pl runs
 # offline, so that check is switched off before the import (the one environment write at import, on purpose).
@@ -119,7 +120,7 @@ class TrainTransform:
         mixup: float = 0.0,
         copy_paste: float = 0.0,
         extras: float = 0.01,
-        copy_paste_mode: str = "flip",
+        copy_paste_mode: Literal["flip", "free"] = "flip",
     ) -> None:
         if copy_paste_mode not in COPY_PASTE_MODES:
             raise ValueError(f"copy_paste_mode: '{copy_paste_mode}' is not one of {', '.join(COPY_PASTE_MODES)}")
@@ -198,6 +199,13 @@ class TrainTransform:
         if flip_paste:
             sample = flip_copy_paste(sample, self.copy_paste_p)
         return warp(sample, matrix, self.imgsz, self.perspective > 0), gain
+
+
+#: The augmentation knobs a data module exposes: :class:`TrainTransform`'s parameters, which carry Ultralytics'
+#: names (``imgsz`` is the data module's own; ``extras`` stays at Ultralytics' 0.01).
+AUGMENTATION_KNOBS = tuple(
+    name for name in inspect.signature(TrainTransform).parameters if name not in ("imgsz", "extras")
+)
 
 
 def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.30) -> dict[str, Any]:

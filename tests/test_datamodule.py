@@ -27,3 +27,25 @@ def test_train_loader_keeps_a_final_batch_of_one_image(tiny_data):
     dm.setup("fit")
     sizes = [b["img"].shape[0] for b in dm.train_dataloader()]
     assert sizes == [7, 1]
+
+
+def test_augmentation_knobs_are_train_transforms_parameters():
+    """The data module repeats TrainTransform's knobs for LightningCLI: same names, types and defaults."""
+    import inspect
+
+    from cellseg_pl.transforms import AUGMENTATION_KNOBS, TrainTransform
+
+    ours = inspect.signature(CellSegDataModule).parameters
+    theirs = inspect.signature(TrainTransform).parameters
+    assert "degrees" in AUGMENTATION_KNOBS and "copy_paste_mode" in AUGMENTATION_KNOBS
+    for name in AUGMENTATION_KNOBS:
+        assert name in ours, name
+        assert ours[name].default == theirs[name].default, name
+        assert ours[name].annotation == theirs[name].annotation, name
+
+
+def test_augmentation_knobs_reach_the_train_transform(tiny_data):
+    dm = CellSegDataModule(str(tiny_data), imgsz=64, batch_size=2, num_workers=0, degrees=33.0, copy_paste=0.2,
+                           copy_paste_mode="free", hsv_v=0.1)
+    tf = dm.train_transform
+    assert (tf.degrees, tf.copy_paste_p, tf.copy_paste_mode) == (33.0, 0.2, "free")
