@@ -49,3 +49,12 @@ def test_augmentation_knobs_reach_the_train_transform(tiny_data):
                            copy_paste_mode="free", hsv_v=0.1)
     tf = dm.train_transform
     assert (tf.degrees, tf.copy_paste_p, tf.copy_paste_mode) == (33.0, 0.2, "free")
+
+
+def test_every_augmentation_knob_has_its_yolo_argument():
+    """``yolo segment train`` users write the same knob names: each one maps to its ``--data.*`` flag."""
+    from cellseg_pl.transforms import AUGMENTATION_KNOBS
+    from cellseg_pl.yolo_arg_table import BY_KEY
+
+    for name in AUGMENTATION_KNOBS:
+        assert BY_KEY[name].option == f"--data.{name}", name
