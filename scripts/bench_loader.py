@@ -133,6 +133,8 @@ def profile(data: str, imgsz: int, samples: int, cache: str) -> dict[str, float]
         return clock("load (decode or cache, labels, rasterize)", real_load, i)
 
     ds.load = timed_load
+    real_flip = T.flip_copy_paste
+    T.flip_copy_paste = lambda *a, **k: clock("copy-paste", real_flip, *a, **k)  # (called inside the geometry)
     finals = []
     for i in range(samples):
         rng = np.random.default_rng([0, 0, i])
@@ -140,10 +142,12 @@ def profile(data: str, imgsz: int, samples: int, cache: str) -> dict[str, float]
         sample = {**ds.load(i % len(ds)), "ratio_pad": (1.0, (0, 0))}
         before = times.get("load (decode or cache, labels, rasterize)", 0.0)
         t0 = time.perf_counter()
-        out, gain = tf._geometric(sample, ds, rng)
+        pasted = times.get("copy-paste", 0.0)
+        out, gain = tf._geometric(sample, ds, rng, tf.copy_paste_mode == "flip")
         loads = times["load (decode or cache, labels, rasterize)"] - before
-        times["mosaic canvas + warp"] = times.get("mosaic canvas + warp", 0.0) + time.perf_counter() - t0 - loads
-        if rng.random() < tf.copy_paste_p:
+        inner = loads + times.get("copy-paste", 0.0) - pasted
+        times["mosaic canvas + warp"] = times.get("mosaic canvas + warp", 0.0) + time.perf_counter() - t0 - inner
+        if tf.copy_paste_mode == "free" and rng.random() < tf.copy_paste_p:
             src = ds.load(int(rng.integers(len(ds))))
             out = clock("copy-paste", T.copy_paste, out, src, tf.copy_paste_p, rng, zoom=gain)
         col = clock("colour + flips", tf.color, image=out["image"], mask=out["instances"])
@@ -153,6 +157,7 @@ def profile(data: str, imgsz: int, samples: int, cache: str) -> dict[str, float]
             clock("collate (1/4 masks), per 8", Collate(4), finals)
             finals = []
     ds.load = real_load
+    T.flip_copy_paste = real_flip
     return {k: 1000 * v / samples for k, v in times.items()}
 
 
