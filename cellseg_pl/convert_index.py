@@ -16,10 +16,10 @@ from typing import Any
 from cellseg_pl.coco import CocoError
 from cellseg_pl.convert_report import ConvertError, ConvertSummary
 from cellseg_pl.cvat_zip import CocoSubset, CocoZip, unsafe_path_reason
+from cellseg_pl.dataset import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
 _MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"BM", ".bmp"))
 
 
@@ -133,7 +133,7 @@ def _unique_name(file_name: str, subset: str, image_id: Any, taken: set[str]) ->
     parts = [p for p in PurePosixPath(file_name.replace("\\", "/")).parts if p not in ("", ".")]
     flat = "__".join(parts)
     stem, suffix = os.path.splitext(flat)
-    if suffix.lower() not in _IMAGE_SUFFIXES:  # a suffix will be appended later: the whole name is the stem
+    if suffix.lower() not in IMAGE_SUFFIXES:  # a suffix will be appended later: the whole name is the stem
         stem, suffix = flat, ""
     candidates = [stem, f"{subset}__{stem}", f"{subset}__{stem}__{image_id}"]
     n = 2
@@ -202,7 +202,7 @@ def _id_type_mismatch(cz: CocoZip, field_: str) -> tuple[str, str] | None:
 
 def with_image_suffix(name: str, data: bytes) -> str:
     """Append a suffix guessed from the bytes when ``name`` lacks an image suffix (Ultralytics skips those)."""
-    if os.path.splitext(name)[1].lower() in _IMAGE_SUFFIXES:
+    if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
         return name
     for magic, suffix in _MAGIC:
         if data.startswith(magic):

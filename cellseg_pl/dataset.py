@@ -47,6 +47,8 @@ from cellseg_pl.label_file import label_path_for, parse_label_line, read_label_t
 
 log = logging.getLogger(__name__)
 
+#: The image files every command reads (OpenCV decodes them): data set splits, predict/select folders, convert's
+#: names (another suffix gets one of these appended). Lower case; compare with ``path.suffix.lower()``.
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 #: Letterbox padding value, as in Ultralytics.
 PAD_VALUE = 114

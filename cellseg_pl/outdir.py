@@ -1,7 +1,12 @@
-"""The output folder of ``convert``: checks before writing, a manifest, staging beside it and an atomic swap.
+"""Writing outputs so that a crash or a kill never leaves half of one: atomic files, and ``convert``'s folder.
 
-A data set is built in a hidden staging folder next to the target, ``.<name>.convert-staging-<pid>``, and only
-then takes the target's name:
+Files (every command: predictions, lists, plots, model files): :func:`atomic_file` / :func:`write_atomic` write to a
+hidden temporary name beside the target, ``.<name>.partial-<pid>``, and rename it into place (or, with
+``replace=False``, link it, so an existing file is never replaced).
+
+The output folder of ``convert``: checks before writing, a manifest, staging beside it and an atomic swap. A data
+set is built in a hidden staging folder next to the target, ``.<name>.convert-staging-<pid>``, and only then takes
+the target's name:
 
 * a new or empty target: one ``rename``;
 * ``--overwrite`` of an earlier data set: one ``renameat2(RENAME_EXCHANGE)`` swaps the two folders (Linux); the
@@ -64,6 +69,43 @@ def pid_alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # checks before anything is written
 # --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_file(path: Path, replace: bool = True) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write; on success the file takes ``path``'s name, on failure it is removed.
+
+    Args:
+        path: the file to create; missing parent folders are created.
+        replace: replace an existing ``path`` (one rename). False: never replace one, also not one created meanwhile
+            (a hard link, which fails if ``path`` exists; a check and a rename where links are not supported).
+
+    Raises:
+        FileExistsError: ``replace`` is False and ``path`` exists.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists: no check-then-write race
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links
+                if path.exists() or path.is_symlink():
+                    raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_file`: readers see the old or the new file."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: list[Path], flag: str = "--output-dir") -> None:

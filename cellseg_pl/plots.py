@@ -26,7 +26,6 @@ import csv
 import io
 import logging
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,6 +35,8 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+
+from cellseg_pl.outdir import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,6 @@ def read_results(csv_path: str | Path) -> dict[str, np.ndarray]:
                 values.append(math.nan)
         columns[key.strip()] = np.asarray(values, np.float64)
     return columns
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` via a temporary file, so a viewer never reads half a picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot_results(csv_path: str | Path, out_png: str | Path | None = None, dpi: int = 80) -> Path:
@@ -164,7 +157,7 @@ def plot_results(csv_path: str | Path, out_png: str | Path | None = None, dpi: i
     fig.subplots_adjust(left=0.03, right=0.99, bottom=0.06, top=0.9, wspace=0.25, hspace=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _write_atomic(out, buffer.getvalue())
+    write_atomic(out, buffer.getvalue())
     return out
 
 
@@ -261,7 +254,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"cannot encode {path}")
-    _write_atomic(Path(path), data.tobytes())
+    write_atomic(Path(path), data.tobytes())
     return Path(path)
 
 
@@ -320,7 +313,7 @@ def write_overlay(path: str | Path, bgr: np.ndarray) -> Path:
     ok, data = cv2.imencode(suffix, bgr)
     if not ok:
         raise OSError(f"cannot encode an overlay for {path}")
-    _write_atomic(path, data.tobytes())
+    write_atomic(path, data.tobytes())
     return path
 
 
