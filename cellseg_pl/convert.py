@@ -31,14 +31,16 @@ leaves the old or the new set. Per-annotation and per-image problems are skipped
 The zip is read by :mod:`cellseg_pl.cvat_zip`, its records indexed and checked by :mod:`cellseg_pl.convert_index`;
 the skip reasons, the summary and :class:`~cellseg_pl.convert_report.ConvertError` are in
 :mod:`cellseg_pl.convert_report`.
+
+Command line (the arguments of :func:`convert_coco_zip`, see :mod:`cellseg_pl.__main__`):
+``python -m cellseg_pl convert --coco-zip Z --output-dir D [--images-dir I] [--val-fraction 0.2] [--overwrite]``, or
+``scripts/convert_coco_to_yolo.py`` with the same flags (the lab's old name).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,6 @@ import cv2
 import numpy as np
 import yaml
 
-from cellseg_pl.coco import CocoError
 from cellseg_pl.convert_index import (
     IndexedImage,
     attach_annotations,
@@ -129,64 +130,6 @@ def convert_coco_zip(
             swap_into_place(tmp, out)
     logger.info("wrote %s", out)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``convert_coco_to_yolo.py --coco-zip Z --output-dir D [--images-dir I] ...``.
-
-    Returns:
-        0 on success; 2 on a fatal problem, reported as one ``error: <file>: <problem>; <fix>`` line on stderr.
-    """
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse has already printed usage and the problem
-        return int(stop.code or 0)
-    # logging is configured by the entry points (python -m cellseg_pl, scripts/convert_coco_to_yolo.py)
-    try:
-        summary = convert_coco_zip(
-            args.coco_zip, args.output_dir, args.images_dir, args.val_fraction, args.seed, args.overwrite,
-            args.allow_empty,
-        )  # fmt: skip
-    except CocoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # named by the user's path: staging folders beside it are ours, not theirs
-        where = args.output_dir
-        if err.filename and not Path(err.filename).name.startswith("."):
-            where = err.filename
-        print(f"error: {where}: {err.strerror or err}; check the path, permissions and free space", file=sys.stderr)
-        return 2
-    print(summary.format())
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    """Flags of the lab's ``convert_coco_to_yolo.py`` (dash and underscore spellings)."""
-    p = argparse.ArgumentParser(
-        prog="convert_coco_to_yolo.py",
-        description="Convert a CVAT 'COCO 1.0' export (zip) into a YOLO-seg dataset folder with dataset.yaml.",
-        allow_abbrev=False,
-    )
-    p.add_argument("--coco-zip", "--coco_zip", dest="coco_zip", required=True, help="zip exported from CVAT")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="dataset folder to create")
-    p.add_argument(
-        "--images-dir", "--images_dir", dest="images_dir", default=None, help="folder with images missing from the zip"
-    )
-    p.add_argument(
-        "--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.2,
-        help="share of images for validation (default 0.2)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    p.add_argument(
-        "--overwrite", action="store_true",
-        help="replace a data set folder an earlier convert wrote (never a folder with other files)",
-    )  # fmt: skip
-    p.add_argument(
-        "--allow-empty", "--allow_empty", dest="allow_empty", action="store_true",
-        help="accept a background-only data set (annotation files without annotations); else no instance is an error",
-    )  # fmt: skip
-    return p
 
 
 # --------------------------------------------------------------------------------------------------

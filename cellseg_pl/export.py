@@ -25,11 +25,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,7 @@ import torch
 from torch import nn
 
 from cellseg_pl.model import ModelError, load_ultralytics_checkpoint, load_weights, save_ultralytics_checkpoint
-from cellseg_pl.outdir import pid_alive
+from cellseg_pl.outdir import atomic_file, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +146,18 @@ def export_model(ckpt: str | Path, output: str | Path, half: bool = False) -> Pa
 
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(output.parent)
-    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
     try:
-        try:
-            save_ultralytics_checkpoint(net, tmp, names, _train_args(info), half=half)
-        except RuntimeError as e:  # torch's zip writer reports a full disk this way
-            raise ExportError(f"--output: writing {output} failed ({e}); check free space and permissions") from None
-        load_ultralytics_checkpoint(tmp)  # read it back before it takes the model's name
-        _publish(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_file(output, replace=False) as tmp:  # never replaces a file another process created meanwhile
+            try:
+                save_ultralytics_checkpoint(net, tmp, names, _train_args(info), half=half)
+            except RuntimeError as e:  # torch's zip writer reports a full disk this way
+                raise ExportError(
+                    f"--output: writing {output} failed ({e}); check free space and permissions"
+                ) from None
+            load_ultralytics_checkpoint(tmp)  # read it back before it takes the model's name
+    except FileExistsError:
+        _check_output(output)
+        raise
     log.debug("exported %s -> %s (%d classes: %s, imgsz %s)", ckpt, output, len(names), names, info.get("imgsz"))
     return output
 
@@ -181,45 +180,3 @@ def remove_stale_partials(folder: Path) -> list[Path]:
             log.warning("removed %s, left by a killed export (pid %s, no longer running)", entry, match["pid"])
             removed.append(entry)
     return removed
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    """Give the finished file its name without ever replacing a file another process created meanwhile."""
-    try:
-        os.link(tmp, output)  # fails if output exists: no check-then-write race
-    except FileExistsError:
-        _check_output(output)
-        raise
-    except OSError:  # a file system without hard links: check, then rename
-        _check_output(output)
-        os.replace(tmp, output)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cellseg_pl export --ckpt RUN/weights/best.ckpt --output models/NAME.pt``; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m cellseg_pl export",
-        description="Export a trained cellseg_pl checkpoint as an Ultralytics .pt model file (for ultralytics.YOLO, "
-        "yolo segment val/predict). Never replaces an existing file.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--ckpt", required=True, help="cellseg_pl checkpoint (a run's weights/best.ckpt)")
-    parser.add_argument("--output", required=True, help="model file to create, e.g. models/yolov8s_cells_v2.0.pt")
-    parser.add_argument(
-        "--half", action="store_true", help="float16 weights (half the size, as Ultralytics saves; tiny differences)"
-    )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse has printed usage and the problem
-        return int(stop.code or 0)
-    try:
-        path = export_model(args.ckpt, args.output, args.half)
-    except (ExportError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        where = e.filename or args.output
-        print(f"error: {where}: {e.strerror or e}; check the path, permissions and free space", file=sys.stderr)
-        return 2
-    print(f"exported {args.ckpt} -> {path}")
-    return 0

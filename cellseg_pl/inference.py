@@ -22,8 +22,9 @@ An object smaller than the overlap (minus 2 x :data:`EDGE_MARGIN`) always lies w
 default overlap (``imgsz / 4``: 160 px at 640) rule 3 only merges unusually large objects. Merging ignores classes;
 ``max_det`` counts per network input (an image, or one window of a tiled image, which holds far fewer objects).
 
-Also here: what every inference command checks first (:func:`check_inference_args`, :func:`parse_device`), how it
-finds its images (:func:`list_images`: hidden files and folders skipped) and loads its network (:func:`load_network`).
+Also here: the settings every inference command takes (:class:`InferenceOptions`) and its device
+(:func:`parse_device`), how it finds its images (:func:`list_images`: hidden files and folders skipped) and loads its
+network (:func:`load_network`).
 
 Example:
     >>> from cellseg_pl.inference import Predictor, load_network
@@ -38,7 +39,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import cv2
 import numpy as np
@@ -397,24 +398,49 @@ def is_inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_inference_args(
-    conf: float, iou: float, max_det: int, min_area: float, tile: str, tile_overlap: int | None, batch_size: int
-) -> None:
-    """The numbers every inference command takes, checked before anything is loaded (one flag per error)."""
-    if not 0.0 <= conf <= 1.0:
-        raise PredictError("--conf", f"{conf} is not between 0 and 1", "pass e.g. 0.25")
-    if not 0.0 <= iou <= 1.0:
-        raise PredictError("--iou", f"{iou} is not between 0 and 1", "pass e.g. 0.7")
-    if max_det < 1:
-        raise PredictError("--max-det", f"{max_det} is not a positive number", "pass e.g. 300")
-    if min_area < 0:
-        raise PredictError("--min-area", f"{min_area} is negative", "pass 0 to keep everything, or e.g. 500")
-    if tile not in TILE_MODES:
-        raise PredictError("--tile", f"{tile!r} is not one of {', '.join(TILE_MODES)}", "pass e.g. --tile auto")
-    if tile_overlap is not None and tile_overlap < 0:
-        raise PredictError("--tile-overlap", f"{tile_overlap} is negative", "pass e.g. a quarter of --imgsz")
-    if batch_size < 1:
-        raise PredictError("--batch-size", f"{batch_size} is not a positive number", "pass e.g. 8")
+@dataclass
+class InferenceOptions:
+    """The network, NMS and tiling settings of ``predict`` and ``select``, said once: both take them as keyword
+    arguments and flags of these names and defaults. Checked when built (raises :class:`PredictError` naming the flag).
+
+    Attributes:
+        device: cpu, 0 (= cuda:0) or cuda:N.
+        conf: minimum score of a detection kept, 0..1.
+        iou: NMS IoU threshold, 0..1.
+        imgsz: network input side in px (default: the one stored in the weights, else 640).
+        max_det: most detections per image, or per window of a tiled image.
+        min_area: drop detections smaller than this many original pixels, e.g. 500 for water droplets (0: keep all).
+        tile: predict large images on overlapping imgsz windows at full resolution: auto (a side > 2 x imgsz),
+            on (a side > imgsz) or off (resize to imgsz).
+        tile_overlap: overlap of neighbouring windows in px, larger than the biggest object (default imgsz/4).
+        batch_size: network inputs (images or windows) per forward pass.
+    """
+
+    device: str = "cpu"
+    conf: float = 0.25
+    iou: float = 0.7
+    imgsz: int | None = None
+    max_det: int = 300
+    min_area: float = 0
+    tile: Literal["auto", "on", "off"] = "auto"
+    tile_overlap: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conf <= 1.0:
+            raise PredictError("--conf", f"{self.conf} is not between 0 and 1", "pass e.g. 0.25")
+        if not 0.0 <= self.iou <= 1.0:
+            raise PredictError("--iou", f"{self.iou} is not between 0 and 1", "pass e.g. 0.7")
+        if self.max_det < 1:
+            raise PredictError("--max-det", f"{self.max_det} is not a positive number", "pass e.g. 300")
+        if self.min_area < 0:
+            raise PredictError("--min-area", f"{self.min_area} is negative", "pass 0 to keep everything, or e.g. 500")
+        if self.tile not in TILE_MODES:
+            raise PredictError("--tile", f"{self.tile!r} is not one of {', '.join(TILE_MODES)}", "pass e.g. auto")
+        if self.tile_overlap is not None and self.tile_overlap < 0:
+            raise PredictError("--tile-overlap", f"{self.tile_overlap} is negative", "pass e.g. a quarter of --imgsz")
+        if self.batch_size < 1:
+            raise PredictError("--batch-size", f"{self.batch_size} is not a positive number", "pass e.g. 8")
 
 
 def load_network(

@@ -35,11 +35,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,22 +46,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellseg_pl.coco import CocoError, build_coco, count_reason, mask_to_polygons, polygons_to_mask, reason_lines
+from cellseg_pl.coco import build_coco, count_reason, mask_to_polygons, polygons_to_mask, reason_lines
 from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, ImageTooLargeError, read_image
 from cellseg_pl.inference import (
-    AUTO_TILE_FACTOR,
     DEFAULT_IMGSZ,
-    TILE_MODES,
+    InferenceOptions,
     Instance,
     PredictError,
     Predictor,
-    check_inference_args,
     is_inside,
     list_images,
     load_network,
     parse_device,
     tile_windows,  # noqa: F401 - re-exported: scripts/bench_real_cells.py imports it from here
 )
+from cellseg_pl.outdir import write_atomic
 from cellseg_pl.plots import draw_overlay, write_overlay
 
 log = logging.getLogger(__name__)
@@ -115,7 +111,7 @@ class PredictSummary:
         count_reason(kind, self.examples, reason, example, n)
 
     def format(self) -> str:
-        """The human-readable report ``main`` prints."""
+        """The human-readable report ``python -m cellseg_pl predict`` prints."""
         per_class = ", ".join(f"{name}: {self.instances[name]}" for name in self.names.values())
         rate = self.images_written / self.seconds if self.seconds > 0 else 0.0
         lines = [
@@ -189,36 +185,31 @@ def predict_folder(
     model: str | Path | nn.Module,
     images: str | Path,
     output: str | Path,
-    device: str | torch.device = "cpu",
-    conf: float = 0.25,
-    iou: float = 0.7,
-    imgsz: int | None = None,
-    max_det: int = 300,
-    min_area: float = 0,
+    device: str | torch.device = InferenceOptions.device,
+    conf: float = InferenceOptions.conf,
+    iou: float = InferenceOptions.iou,
+    imgsz: int | None = InferenceOptions.imgsz,
+    max_det: int = InferenceOptions.max_det,
+    min_area: float = InferenceOptions.min_area,
     save_overlays: str | Path | None = None,
-    tile: str = "auto",
-    tile_overlap: int | None = None,
-    batch_size: int = 8,
+    tile: str = InferenceOptions.tile,
+    tile_overlap: int | None = InferenceOptions.tile_overlap,
+    batch_size: int = InferenceOptions.batch_size,
     overwrite: bool = False,
 ) -> PredictSummary:
     """Predict every image under a folder and write the detections as COCO 1.0 JSON for CVAT.
 
+    ``device``, ``conf``, ``iou``, ``imgsz``, ``max_det``, ``min_area``, ``tile``, ``tile_overlap`` and
+    ``batch_size`` are :class:`~cellseg_pl.inference.InferenceOptions` (documented and checked there; ``device`` may
+    also be a ``torch.device``).
+
     Args:
-        model: a cellseg_pl ``.ckpt``, an Ultralytics ``-seg`` ``.pt`` (a pickle: trusted files only), or a
-            network (with ``names``).
-        images: folder of images (sub-folders included); ``file_name`` is the path relative to it.
-        output: JSON file to write; missing parent folders are created.
-        device: ``cpu``, ``0`` (= ``cuda:0``) or ``cuda:N``.
-        conf: minimum score kept.
-        iou: NMS IoU threshold.
-        imgsz: network input side in px; default the one stored in the weights, else 640.
-        max_det: maximum detections per image, or per window of a tiled image.
-        min_area: drop objects smaller than this many pixels (the guide's droplet rule: 500).
-        save_overlays: folder to write each image with its outlines and counts (same relative path, PNG/JPG).
-        tile: ``auto``, ``on`` or ``off``: tiled prediction of large images (module docstring).
-        tile_overlap: window overlap in px (default ``imgsz // 4``); objects smaller than it are never cut.
-        batch_size: images or windows per forward pass.
-        overwrite: replace an existing ``output``.
+        model: cellseg_pl .ckpt or Ultralytics -seg .pt (a pickle: trusted files only); library callers may pass a
+            network with ``names``.
+        images: folder of images (sub-folders included, hidden files skipped); file_name is the path relative to it.
+        output: JSON file to write, e.g. predictions.json; missing parent folders are created.
+        save_overlays: also write each image with its outlines and counts into this folder (same relative path).
+        overwrite: replace an existing output file.
 
     Returns:
         What was written, skipped and dropped.
@@ -227,7 +218,7 @@ def predict_folder(
         PredictError: a bad argument, a missing or unusable model, images folder or output, no readable image.
             Nothing is written then.
     """
-    check_inference_args(conf, iou, max_det, min_area, tile, tile_overlap, batch_size)
+    InferenceOptions(str(device), conf, iou, imgsz, max_det, min_area, tile, tile_overlap, batch_size)  # checks
     images_dir, output = Path(images).expanduser(), Path(output).expanduser()
     overlays = Path(save_overlays).expanduser() if save_overlays is not None else None
     _check_paths(images_dir, output, overwrite, overlays)
@@ -289,123 +280,7 @@ def predict_folder(
     summary.images_written = len(coco_images)
 
     categories = [{"id": k + 1, "name": names[k]} for k in sorted(names)]
-    _write_json_atomically(build_coco(coco_images, annotations, categories), output)
+    write_atomic(output, json.dumps(build_coco(coco_images, annotations, categories)))
     summary.seconds = time.perf_counter() - start
     log.info("wrote %d objects on %d images to %s", summary.instances_written, summary.images_written, output)
     return summary
-
-
-def _write_json_atomically(data: dict, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
-    try:
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------
-
-
-def add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    """The network, NMS and tiling flags ``predict`` and ``select`` share (dash and underscore spellings)."""
-    p.add_argument("--device", default="cpu", help="cpu (default), 0 (= cuda:0) or cuda:N")
-    p.add_argument("--conf", type=float, default=0.25, help="minimum score kept (default 0.25)")
-    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
-    p.add_argument("--imgsz", type=int, default=None, help="network input side in px (default: the model's, else 640)")
-    p.add_argument(
-        "--max-det", "--max_det", dest="max_det", type=int, default=300, help="most objects per image or window (300)"
-    )
-    p.add_argument(
-        "--min-area", "--min_area", dest="min_area", type=float, default=0,
-        help="drop objects smaller than this many pixels, e.g. 500 for water droplets (default 0: keep all)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tile", choices=TILE_MODES, default="auto",
-        help=f"predict large images on overlapping imgsz windows at full resolution: auto (a side > "
-        f"{AUTO_TILE_FACTOR:g} x imgsz), on (a side > imgsz) or off (resize to imgsz) (default auto)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tile-overlap", "--tile_overlap", dest="tile_overlap", type=int, default=None, metavar="PX",
-        help="overlap of neighbouring windows in px, larger than the biggest object (default imgsz/4)",
-    )  # fmt: skip
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="inputs per pass (8)")
-
-
-def run_tool(parser: argparse.ArgumentParser, argv: list[str] | None, run) -> int:  # noqa: ANN001
-    """Parse ``argv``, call ``run(args)`` and print its summary; a bad argument or input is one ``error:`` line.
-
-    Returns:
-        0 on success; 2 on a bad argument or input (``CocoError``, ``OSError``, GPU out of memory).
-    """
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse has already printed usage and the problem
-        return int(stop.code or 0)
-    if not logging.getLogger("cellseg_pl").handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        summary = run(args)
-    except CocoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        where = err.filename or args.output
-        print(f"error: {where}: {err.strerror or err}; check the path, permissions and free space", file=sys.stderr)
-        return 2
-    except torch.cuda.OutOfMemoryError:
-        print(f"error: --device {args.device}: out of GPU memory; lower --batch-size or --imgsz", file=sys.stderr)
-        return 2
-    print(summary.format())
-    return 0
-
-
-#: ``predict --help``: how to predict from a run's configuration instead (LightningCLI style).
-LIGHTNING_STYLE_HELP = """\
-from a run's configuration instead (LightningCLI style; the same engine, tiling and JSON):
-  python -m cellseg_pl predict --config RUN/config.yaml --ckpt_path RUN/weights/best.ckpt \\
-      --data.predict_images DIR [--predictions FILE] [--model.predict_conf 0.25] [--model.min_area 500] \\
-      [--tile auto|on|off] [--tile_overlap PX] [--save_overlays DIR]
-  (--config, --ckpt_path or any --data./--model./--trainer. flag selects it; the thresholds are the run's
-  --model.predict_conf/iou/max_det/min_area, the input size --data.imgsz; default output
-  <project>/<name>/predictions.json, never replaced; all its options: predict --config RUN/config.yaml --help)"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    """Flags of the lab's ``predict_simple_circles.py`` plus ours (dash and underscore spellings)."""
-    p = argparse.ArgumentParser(
-        prog="python -m cellseg_pl predict",
-        description="Predict a folder of images and write COCO 1.0 JSON that CVAT imports as annotations "
-        "(polygons at the original resolution, with scores).",
-        epilog=LIGHTNING_STYLE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    p.add_argument("--model", required=True, help="cellseg_pl .ckpt or Ultralytics -seg .pt (trusted files only)")
-    p.add_argument("--images", required=True, help="folder of images (sub-folders included, hidden files skipped)")
-    p.add_argument("--output", required=True, help="JSON file to write, e.g. predictions.json")
-    add_inference_arguments(p)
-    p.add_argument(
-        "--save-overlays", "--save_overlays", dest="save_overlays", default=None, metavar="DIR",
-        help="also write each image with its outlines and counts here (same relative path)",
-    )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``predict --model M --images DIR --output predictions.json [...]``.
-
-    Returns:
-        0 on success; 2 on a bad argument or input, reported as one ``error: ...`` line on stderr.
-    """
-    return run_tool(_parser(), argv, lambda a: predict_folder(
-        a.model, a.images, a.output, a.device, a.conf, a.iou, a.imgsz, a.max_det, a.min_area, a.save_overlays,
-        a.tile, a.tile_overlap, a.batch_size, a.overwrite,
-    ))  # fmt: skip
-
-

@@ -39,12 +39,10 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import filecmp
 import io
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -58,17 +56,18 @@ from torch import nn
 
 from cellseg_pl.dataset import IMAGE_SUFFIXES, DatasetError, read_image
 from cellseg_pl.inference import (
+    InferenceOptions,
     Instance,
     PredictError,
     Predictor,
-    check_inference_args,
     intersection,
     is_inside,
     list_images,
     load_network,
     parse_device,
 )
-from cellseg_pl.predict import PredictSummary, add_inference_arguments, predict_folder, run_tool
+from cellseg_pl.outdir import atomic_file, write_atomic
+from cellseg_pl.predict import PredictSummary, predict_folder
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ class SelectSummary:
     seconds: float = 0.0
 
     def format(self) -> str:
-        """The human-readable report ``main`` prints."""
+        """The human-readable report ``python -m cellseg_pl select`` prints."""
         n = len(self.ranked)
         lines = [
             f"scored {n} of {self.images_found} images in {self.seconds:.1f} s "
@@ -264,16 +263,6 @@ def _plan_copies(pool: Path, files: list[str], copy_to: Path) -> tuple[list[str]
     return todo, same
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _csv_text(ranked: list[ImageScore], k: int) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -293,48 +282,44 @@ def _csv_text(ranked: list[ImageScore], k: int) -> str:
 def select_images(
     model: str | Path | nn.Module,
     pool: str | Path,
-    k: int,
-    output: str | Path,
+    k: int = 200,
+    output: str | Path = "next_batch.txt",
     copy_to: str | Path | None = None,
     predictions: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    imgsz: int | None = None,
-    conf: float = 0.25,
+    device: str | torch.device = InferenceOptions.device,
+    imgsz: int | None = InferenceOptions.imgsz,
+    conf: float = InferenceOptions.conf,
     tta: bool = True,
     borderline: float = 0.6,
     weights: tuple[float, float, float, float] = WEIGHTS,
-    iou: float = 0.7,
-    max_det: int = 300,
-    min_area: float = 0,
-    tile: str = "auto",
-    tile_overlap: int | None = None,
-    batch_size: int = 8,
-    exclude: list[str | Path] | None = None,
+    iou: float = InferenceOptions.iou,
+    max_det: int = InferenceOptions.max_det,
+    min_area: float = InferenceOptions.min_area,
+    tile: str = InferenceOptions.tile,
+    tile_overlap: int | None = InferenceOptions.tile_overlap,
+    batch_size: int = InferenceOptions.batch_size,
+    exclude: list[str] | None = None,
     overwrite: bool = False,
 ) -> SelectSummary:
     """Rank the images of a pool by model uncertainty and write the ``k`` most uncertain (module docstring).
 
+    ``device``, ``imgsz``, ``conf``, ``iou``, ``max_det``, ``min_area``, ``tile``, ``tile_overlap`` and
+    ``batch_size`` are :class:`~cellseg_pl.inference.InferenceOptions`, as ``predict`` takes them (``min_area``:
+    smaller detections are ignored in the score and dropped from ``predictions``; with ``tta`` each image is three
+    network inputs: itself and two flips).
+
     Args:
-        model: a cellseg_pl ``.ckpt``, an Ultralytics ``-seg`` ``.pt`` (a pickle: trusted files only), or a
-            network (with ``names``).
+        model: cellseg_pl .ckpt or Ultralytics -seg .pt (a pickle: trusted files only); library callers may pass a
+            network with ``names``.
         pool: folder of unlabelled images (sub-folders included).
         k: how many images to select (all of them when the pool holds fewer).
-        output: the ranked list to write (``.txt``); the per-image scores go to the same name with ``.csv``.
-        copy_to: copy the selected images here, keeping their relative paths (never replaces a file).
-        predictions: also write COCO 1.0 predictions of the selected images here, for CVAT.
-        device: ``cpu``, ``0`` (= ``cuda:0``) or ``cuda:N``.
-        imgsz: network input side in px; default the one stored in the weights, else 640.
-        conf: minimum score of a detection (as ``predict --conf``).
+        output: ranked list to write, e.g. next_batch.txt; the per-image scores go to the same name with .csv.
+        copy_to: copy the selected images into this folder for a new CVAT task (relative paths kept, nothing replaced).
+        predictions: also write COCO 1.0 predictions of the selected images to this JSON file, for CVAT.
         tta: also predict the left-right and upside-down flipped image and score the disagreement (3x compute).
-        borderline: detections scoring below this (and at least ``conf``) are borderline.
+        borderline: detections scoring below this (and at least conf) are borderline.
         weights: weights of (low confidence, borderline share, flip mask disagreement, flip count disagreement).
-        iou: NMS IoU threshold.
-        max_det: maximum detections per image, or per window of a tiled image.
-        min_area: ignore detections smaller than this many original px (and drop them from ``predictions``).
-        tile: ``auto``, ``on`` or ``off``, as ``predict --tile``.
-        tile_overlap: window overlap in px (default ``imgsz // 4``).
-        batch_size: network inputs per forward pass (with ``tta`` each image is three: itself and two flips).
-        exclude: lists of relative paths to leave out (e.g. the ``next_batch.txt`` of earlier cycles).
+        exclude: lists of images to leave out, e.g. the next_batch.txt of earlier cycles (repeat the flag for more).
         overwrite: replace an existing list, CSV or predictions file.
 
     Returns:
@@ -343,7 +328,7 @@ def select_images(
     Raises:
         PredictError: a bad argument or input (worded ``"<flag or file>: <problem>; <fix>"``); nothing is written.
     """
-    check_inference_args(conf, iou, max_det, min_area, tile, tile_overlap, batch_size)
+    InferenceOptions(str(device), conf, iou, imgsz, max_det, min_area, tile, tile_overlap, batch_size)  # checks
     if k < 1:
         raise PredictError("--k", f"{k} is not a positive number", "pass how many images to label, e.g. 200")
     if not conf < borderline <= 1:
@@ -411,14 +396,11 @@ def select_images(
     todo: list[str] = []
     if copy_dir is not None:  # checked before anything is written
         todo, summary.already_there = _plan_copies(pool_dir, summary.selected, copy_dir)
-    _write_text_atomic(output, "".join(f"{rel}\n" for rel in summary.selected))
-    _write_text_atomic(table, _csv_text(summary.ranked, k))
+    write_atomic(output, "".join(f"{rel}\n" for rel in summary.selected))
+    write_atomic(table, _csv_text(summary.ranked, k))
     for rel in todo:
-        dst = copy_dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.partial")
-        shutil.copy2(pool_dir / rel, tmp)
-        os.replace(tmp, dst)
+        with atomic_file(copy_dir / rel) as tmp:
+            shutil.copy2(pool_dir / rel, tmp)
         summary.copied += 1
     if preds_path is not None:
         summary.predictions = _predict_selected(
@@ -440,52 +422,3 @@ def _predict_selected(net: nn.Module, pool: Path, selected: list[str], output: P
             except OSError:  # no symlinks (e.g. Windows without the privilege): copy
                 shutil.copy2(pool / rel, link)
         return predict_folder(net, tmp, output, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cellseg_pl select",
-        description="Active learning: rank unlabelled images by model uncertainty (low confidence, borderline "
-        "detections, disagreement under flips) and list, copy and pre-annotate the k most uncertain for CVAT.",
-        allow_abbrev=False,
-    )
-    p.add_argument("--model", required=True, help="cellseg_pl .ckpt or Ultralytics -seg .pt (trusted files only)")
-    p.add_argument("--pool", required=True, help="folder of unlabelled images (sub-folders included)")
-    p.add_argument("--k", type=int, default=200, help="how many images to select (default 200)")
-    p.add_argument("--output", required=True, help="ranked list to write, e.g. next_batch.txt (scores: next_batch.csv)")
-    p.add_argument(
-        "--copy-to", "--copy_to", dest="copy_to", default=None, metavar="DIR",
-        help="copy the selected images here (relative paths kept, nothing replaced) for a new CVAT task",
-    )  # fmt: skip
-    p.add_argument(
-        "--predictions", default=None, metavar="JSON",
-        help="also write COCO 1.0 predictions of the selected images for CVAT (as predict does)",
-    )  # fmt: skip
-    p.add_argument(
-        "--exclude", action="append", default=[], metavar="LIST",
-        help="skip the images of this list (e.g. an earlier next_batch.txt); may be repeated",
-    )  # fmt: skip
-    add_inference_arguments(p)
-    p.add_argument(
-        "--borderline", type=float, default=0.6, help="detections scoring below this are borderline (default 0.6)"
-    )
-    p.add_argument("--no-tta", "--no_tta", dest="tta", action="store_false", help="skip the flipped predictions")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing list, CSV or predictions file")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``select --model M --pool DIR --k 200 --output next_batch.txt [...]``.
-
-    Returns:
-        0 on success; 2 on a bad argument or input, reported as one ``error: ...`` line on stderr.
-    """
-    return run_tool(_parser(), argv, lambda a: select_images(
-        a.model, a.pool, a.k, a.output, a.copy_to, a.predictions, a.device, a.imgsz, a.conf, a.tta, a.borderline,
-        WEIGHTS, a.iou, a.max_det, a.min_area, a.tile, a.tile_overlap, a.batch_size, a.exclude, a.overwrite,
-    ))  # fmt: skip

@@ -6,20 +6,18 @@ Usage:
         [--images-dir images/subset_200] --output-dir training_data/subset_200 \
         [--val-fraction 0.2] [--seed 0] [--overwrite]
 
-All work happens in :func:`cellseg_pl.convert.main`; logging is set up as by ``python -m cellseg_pl``.
+Runs ``python -m cellseg_pl convert`` (:func:`cellseg_pl.convert.convert_coco_zip`; ``--help`` lists every flag).
 """
 
+import os
 import sys
 from pathlib import Path
 
 try:
-    from cellseg_pl.__main__ import configure_environment
-    from cellseg_pl.convert import main
+    from cellseg_pl.__main__ import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cellseg_pl.__main__ import configure_environment
-    from cellseg_pl.convert import main
+    from cellseg_pl.__main__ import main
 
 if __name__ == "__main__":
-    configure_environment()  # logging as ``python -m cellseg_pl convert`` has it
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]], prog=os.path.basename(sys.argv[0])))

@@ -5,20 +5,18 @@ Usage:
     python scripts/predict_simple_circles.py --model best.ckpt|best.pt --images DIR --output predictions.json \
         [--device cpu|0] [--conf 0.25] [--min-area 500] [--save-overlays DIR] [--tile auto|on|off] ...
 
-All work happens in :func:`cellseg_pl.predict.main` (``--help`` lists every flag).
+Runs ``python -m cellseg_pl predict`` (:func:`cellseg_pl.predict.predict_folder`; ``--help`` lists every flag).
 """
 
+import os
 import sys
 from pathlib import Path
 
 try:
-    from cellseg_pl.__main__ import configure_environment
-    from cellseg_pl.predict import main
+    from cellseg_pl.__main__ import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cellseg_pl.__main__ import configure_environment
-    from cellseg_pl.predict import main
+    from cellseg_pl.__main__ import main
 
 if __name__ == "__main__":
-    configure_environment()  # offline Ultralytics, library logs on stderr
-    sys.exit(main())
+    sys.exit(main(["predict", *sys.argv[1:]], prog=os.path.basename(sys.argv[0])))

@@ -36,6 +36,37 @@ def test_fit_help_documents_every_model_and_data_argument(capsys):
     assert "nominal batch size" in help_text and "turn mosaic off for the last N epochs" in help_text
 
 
+@pytest.mark.parametrize("tool, flags", [
+    ("convert", ["--coco_zip", "--output_dir", "--images_dir", "--val_fraction", "--overwrite", "--allow_empty"]),
+    ("export", ["--ckpt", "--output", "--half"]),
+    ("select", ["--model", "--pool", "--k", "--copy_to", "--exclude", "--no_tta", "--conf", "--tile"]),
+    ("predict", ["--model", "--images", "--output", "--save_overlays", "--conf", "--min_area", "--tile"]),
+])  # fmt: skip
+def test_tool_help_is_generated_from_the_signature_and_names_the_command(tool, flags, capsys):
+    import cellseg_pl.__main__ as entry
+
+    assert main([tool, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m cellseg_pl {tool} ") and "(--output-dir = --output_dir)" in text
+    for flag in flags:
+        assert flag in text, flag
+    assert entry.TOOLS[tool].help.split()[0] in text  # the overview line is the description
+    assert entry.run_tool(tool, ["-h"], prog="old_script.py") == 0
+    assert capsys.readouterr().out.startswith("usage: old_script.py ")
+    assert main([tool, "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: unrecognized arguments: --no-such-flag (see python -m cellseg_pl {tool} --help)\n"
+
+
+def test_overview_lists_every_command_and_no_argparse_is_left(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "convert", "export", "select"):
+        assert f"  {command}" in text, command
+    package = Path(__file__).resolve().parents[1] / "cellseg_pl"
+    assert [p.name for p in package.glob("*.py") if "import argparse" in p.read_text()] == []
+
+
 def read_results(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

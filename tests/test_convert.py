@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from cellseg_pl.coco import mask_to_polygons, mask_to_rle, polygons_to_mask
-from cellseg_pl.convert import convert_coco_zip, main
+from cellseg_pl.__main__ import main as cellseg_main
+from cellseg_pl.convert import convert_coco_zip
 from cellseg_pl.convert_report import ConvertError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_main(*args: str) -> int:
-    return main([str(a) for a in args])
+    return cellseg_main(["convert", *(str(a) for a in args)])
 
 
 # ---------------------------------------------------------------------------------------------- round trip
@@ -376,8 +377,10 @@ def _fatal(tmp_path: Path, capsys, *args: str) -> str:
     dirs = snapshot(tmp_path)
     assert run_main(*args) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()  # log lines (warnings) may come first; the error is one line, last
+    err = lines[-1]
+    assert err.startswith("error: ") and [line for line in lines if line.startswith("error")] == [err]
+    assert "Traceback" not in captured.err
     assert captured.out == ""
     assert snapshot(tmp_path) == dirs
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -518,9 +521,18 @@ def _files(out: Path) -> list[tuple[str, str, str]]:
 
 
 def test_main_help_and_script(tmp_path, capsys):
-    assert main(["-h"]) == 0
-    assert "--coco-zip" in capsys.readouterr().out
-    assert main([]) == 2  # argparse names the missing flags
+    assert run_main("-h") == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: python -m cellseg_pl convert --coco_zip COCO_ZIP --output_dir")
+    assert "--images_dir" in help_text and "(--output-dir = --output_dir" in help_text  # both spellings work
+    assert "zip exported from CVAT" in help_text  # the docstring of convert_coco_zip
+    assert run_main() == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: --coco_zip, --output_dir (see python -m cellseg_pl convert "
+        "--help)\n"
+    )
+    assert run_main("--coco-zip", "z.zip", "--output-dir", tmp_path / "o", "--val-fraction", "x") == 2
+    assert capsys.readouterr().err.startswith("error: --val_fraction: expected float, got 'x'")
     z = simple_zip(tmp_path / "z.zip")
     out = tmp_path / "out"
     done = subprocess.run(
@@ -534,6 +546,11 @@ def test_main_help_and_script(tmp_path, capsys):
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )  # fmt: skip
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "Traceback" not in again.stderr
+    shown = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_coco_to_yolo.py"), "--help"], capture_output=True, text=True,
+        cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: convert_coco_to_yolo.py --coco_zip")
 
 
 # ---------------------------------------------------------------------------------------------- issue 12
@@ -691,6 +708,7 @@ def test_convert_log_lines_are_printed_once(tmp_path):
 _KILLED = """
 import os, signal, sys
 import cellseg_pl.convert as cv, cellseg_pl.outdir as od
+from cellseg_pl.__main__ import main
 
 def die(*_):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -703,7 +721,7 @@ elif point == "after_exchange":
 elif point == "between_renames":  # the fallback where renameat2(RENAME_EXCHANGE) is not supported
     od._exchange = lambda a, b: False
     os.replace = lambda a, b: (real_replace(a, b), ".convert-old-" in str(b) and die())
-sys.exit(cv.main(sys.argv[2:]))
+sys.exit(main(["convert", *sys.argv[2:]]))
 """
 
 
