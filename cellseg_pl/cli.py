@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -56,6 +57,12 @@ RUN_DIR_ENV = "CELLSEG_PL_RUN_DIR"
 class UsageError(ValueError):
     """A command-line problem the user can fix; printed as one line."""
 
+
+#: Lightning warnings about a checkpoint's fit-only state, spurious in validate/test (regular expressions).
+FIT_ONLY_WARNINGS = (
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+    r"The dirpath has changed from .* won't be reloaded",
+)
 
 #: ``--ckpt_path`` values Lightning resolves itself (not file names).
 CKPT_ALIASES = ("last", "best", "hpc", "registry")
@@ -151,6 +158,12 @@ class CellSegCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(verbose=False)  # our report (after_validate/after_test) prints the metrics once
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--project", type=str, default="checkpoints", help="Folder that holds the runs.")
@@ -330,6 +343,13 @@ class CellSegCLI(LightningCLI):
         """Run it; a ``fit`` that fails before writing any checkpoint leaves no files in its run folder."""
         if subcommand == "predict":
             return self._predict()
+        if subcommand in ("validate", "test"):
+            with warnings.catch_warnings():
+                # The fit callbacks (results.csv, checkpoint bookkeeping) have no part in validate/test: Lightning's
+                # warnings that their saved states find no taker, or that ``weights/`` moved, say nothing here.
+                for message in FIT_ONLY_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message)
+                return super()._run_subcommand(subcommand)
         if subcommand != "fit":
             return super()._run_subcommand(subcommand)
         run_dir = self.run_dir
