@@ -58,3 +58,75 @@ def test_every_augmentation_knob_has_its_yolo_argument():
 
     for name in AUGMENTATION_KNOBS:
         assert BY_KEY[name].option == f"--data.{name}", name
+
+
+# ---------------------------------------------------------------------------------------------- sampler, close_mosaic, flags, loaders
+
+
+def test_epoch_shuffle_is_a_pure_function_of_seed_and_epoch():
+    from cellseg_pl.datamodule import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(50, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(50)) and len(sampler) == 50
+    assert list(EpochShuffleSampler(50, seed=3)) == first  # a resumed run sees the same order
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(50)) and second != first
+    assert list(EpochShuffleSampler(50, seed=4)) != first
+
+
+def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tiny_data, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cellseg_pl.datamodule")
+    dm = CellSegDataModule(str(tiny_data), imgsz=128, mosaic=1.0, close_mosaic=2)
+    states = []
+    for epoch in range(5):
+        dm.set_epoch(epoch, 5)
+        states.append(dm.train_transform.mosaic_enabled)
+    assert states == [True, True, True, False, False]  # as Ultralytics: epoch >= epochs - close_mosaic
+    assert [r.getMessage() for r in caplog.records] == ["mosaic off (close_mosaic) from epoch 4"]
+    dm.set_epoch(3, -1)  # unknown length (max_epochs -1): mosaic stays on
+    assert dm.train_transform.mosaic_enabled
+    never = CellSegDataModule(str(tiny_data), imgsz=128, mosaic=1.0, close_mosaic=0)
+    never.set_epoch(4, 5)
+    assert never.train_transform.mosaic_enabled
+    off = CellSegDataModule(str(tiny_data), imgsz=128, mosaic=0.0)
+    off.set_epoch(0, 5)
+    assert not off.train_transform.mosaic_enabled
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"imgsz": 100}, "--data.imgsz"), ({"imgsz": 0}, "--data.imgsz"),
+                                          ({"batch_size": 0}, "--data.batch_size"), ({"cache": "gpu"}, "--data.cache")])  # fmt: skip
+def test_bad_settings_name_the_flag(tiny_data, kwargs, flag):
+    with pytest.raises(ValueError, match=f"^{flag}: "):
+        CellSegDataModule(str(tiny_data), **kwargs)
+
+
+def test_classes_and_val_loader(tiny_data):
+    import torch
+
+    dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, cache="none")
+    assert dm.num_classes == 1 and dm.class_names == {0: "cell"}
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    assert loader.batch_size == 4  # twice the training batch, as Ultralytics validates
+    batches = list(loader)
+    assert [b["img"].shape for b in batches] == [(4, 3, 128, 128)]  # the 4 val images, letterboxed
+    assert batches[0]["img"].dtype == torch.uint8  # (scaled to 0..1 on the device: CellSegModule)
+    again = next(iter(dm.val_dataloader()))
+    assert torch.equal(again["img"], batches[0]["img"])  # no shuffling, no augmentation
+
+
+def test_predict_images_folder_errors(tiny_data, tmp_path):
+    from cellseg_pl.dataset import DatasetError
+
+    with pytest.raises(ValueError, match="^--data.predict_images: give the folder"):
+        CellSegDataModule(str(tiny_data)).predict_dataloader()
+    with pytest.raises(DatasetError, match="is not a folder"):
+        CellSegDataModule(str(tiny_data), predict_images=str(tmp_path / "missing")).predict_dataloader()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    with pytest.raises(DatasetError, match="holds no images"):
+        CellSegDataModule(str(tiny_data), predict_images=str(tmp_path / "empty")).predict_dataloader()
