@@ -87,3 +87,44 @@ def fresh_logging():
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         rank_zero_only.rank = 0
+
+
+def huge_png(width: int = 33000, height: int = 33000) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` px, 8-bit gray (only the first rows have data): OpenCV checks the
+    size in the header before decoding, so a few hundred bytes take the path of an image over its 2^30 px limit."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def calibrate_batchnorm(ckpt_path: Path, images: list[Path]) -> None:
+    """Give a 1-epoch checkpoint's EMA weights BatchNorm statistics of the data.
+
+    After one epoch the running statistics still lag far behind the weights, and the network answers every image
+    with the same near-tied full-image boxes: an equality test on such output hangs on how NMS breaks exact ties.
+    Recomputed statistics make the detections depend on the image, as a trained model's do.
+    """
+    import torch
+
+    from cellseg_pl.dataset import read_image
+    from cellseg_pl.model import load_weights
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    net, _, _ = load_weights(ckpt_path)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration pass
+    x = torch.stack([torch.from_numpy(read_image(p)).permute(2, 0, 1).float() / 255 for p in images])
+    net.train()
+    with torch.no_grad():
+        net(x)
+    for k, v in net.state_dict().items():
+        checkpoint["state_dict"][f"ema.module.{k}"] = v
+    torch.save(checkpoint, ckpt_path)
