@@ -38,14 +38,19 @@ from cellseg_pl.outdir import atomic_file, pid_alive
 
 log = logging.getLogger(__name__)
 
-#: Settings of a run that keep their name in Ultralytics' ``train_args`` (our knobs carry Ultralytics' names).
-#: Prediction/validation thresholds (``conf``, ``iou``, ``max_det``) are left out: they are not training settings.
-_TRAIN_ARG_NAMES = (
-    "model", "imgsz", "optimizer", "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
-    "warmup_bias_lr", "cos_lr", "nbs", "box", "cls", "dfl", "overlap_mask", "mask_ratio", "degrees", "translate",
-    "scale", "shear", "perspective", "flipud", "fliplr", "hsv_h", "hsv_s", "hsv_v", "mosaic", "mixup", "copy_paste",
-    "copy_paste_mode", "close_mosaic",
-)
+def _train_arg_names() -> tuple[str, ...]:
+    """Settings of a run that keep their name in Ultralytics' ``train_args``: the ``yolo`` arguments that map to a
+    cellseg_pl option of the same name (:data:`cellseg_pl.yolo_arg_table.TABLE`) and that Ultralytics knows.
+
+    Prediction/validation thresholds (``conf``, ``iou``, ``max_det``) are not among them: they are not training
+    settings. ``imgsz`` and ``data`` are set from the checkpoint's data module.
+    """
+    from cellseg_pl.model import ultralytics_arg_names
+    from cellseg_pl.yolo_arg_table import TABLE
+
+    known = ultralytics_arg_names()
+    return tuple(a.key for a in TABLE if a.simple and a.option in (f"--model.{a.key}", f"--data.{a.key}")
+                 and a.key in known)
 
 
 class ExportError(ValueError):
@@ -80,7 +85,7 @@ def _check_finite(net: nn.Module, source: Path, half: bool) -> None:
 
 def _train_args(info: dict[str, Any]) -> dict[str, Any]:
     hparams = info.get("hparams") or {}
-    args = {k: hparams[k] for k in _TRAIN_ARG_NAMES if hparams.get(k) is not None}
+    args = {k: hparams[k] for k in _train_arg_names() if hparams.get(k) is not None}
     if info.get("imgsz"):
         args["imgsz"] = int(info["imgsz"])
     if info.get("data"):

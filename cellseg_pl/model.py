@@ -33,6 +33,11 @@ def _ultralytics_cfg_dict() -> dict[str, Any]:
     return vars(get_cfg())
 
 
+def ultralytics_arg_names() -> frozenset[str]:
+    """The argument names Ultralytics' trainer knows (its default configuration's keys)."""
+    return frozenset(_ultralytics_cfg_dict())
+
+
 def _from_yaml(name: str, num_classes: int) -> nn.Module:
     """Build from a yaml path or a bare Ultralytics config name (``yolov8n-seg.yaml``); never downloads."""
     from ultralytics.nn.tasks import SegmentationModel
