@@ -13,3 +13,10 @@ python -m pip install --quiet --upgrade pip
 # torch and torchvision first, pinned: the pair that imports together (see README, "Installation").
 python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install --quiet -e ".${1:+[$1]}"
+if [ "${1:-}" = "test" ]; then
+  # CVAT's own dataset library for tests/test_datumaro.py, without its declared pins (opencv-python-headless<5 and
+  # pillow 12 would land a second OpenCV in the cv2 folder beside Ultralytics' opencv-python): it works with ours.
+  python -m pip install --quiet --no-deps "datumaro==1.13.12"
+  python -m pip install --quiet defusedxml imagesize json-stream json-stream-rs-tokenizer lxml orjson \
+    "pandas~=2.3" "pyarrow~=25.0" "cachetools~=7.0" pytz ruamel.yaml shapely
+fi
