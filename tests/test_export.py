@@ -23,7 +23,7 @@ from cellseg_pl.model import load_weights, split_outputs
 from cellseg_pl.module import CellSegModule
 from cellseg_pl.postprocess import postprocess, to_original
 
-from conftest import fit_args
+from conftest import calibrate_batchnorm, fit_args
 
 IMGSZ = 128
 # an untrained network scores everything low: a low threshold gives detections to compare
@@ -61,30 +61,6 @@ def built(tmp_path_factory, no_network) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def calibrate_batchnorm(ckpt_path: Path, images: list[Path]) -> None:
-    """Give a 1-epoch checkpoint's EMA weights BatchNorm statistics of the data.
-
-    After one epoch the running statistics still lag far behind the weights, and the network answers every image
-    with the same near-tied full-image boxes: an equality test on such output hangs on how NMS breaks exact ties.
-    Recomputed statistics make the detections depend on the image, as a trained model's do.
-    """
-    from cellseg_pl.dataset import read_image
-
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    net, _, _ = load_weights(ckpt_path)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration pass
-    x = torch.stack([torch.from_numpy(read_image(p)).permute(2, 0, 1).float() / 255 for p in images])
-    net.train()
-    with torch.no_grad():
-        net(x)
-    for k, v in net.state_dict().items():
-        checkpoint["state_dict"][f"ema.module.{k}"] = v
-    torch.save(checkpoint, ckpt_path)
-
-
 def ours(weights: Path, data: Path, images: Path) -> list[dict[str, torch.Tensor]]:
     """cellseg_pl's predictions: its predict loader (letterbox), network, postprocess and to_original."""
     net, names, _ = load_weights(weights)

@@ -7,8 +7,6 @@ whose IHDR says 33000 x 33000 (a few hundred bytes) takes the same path.
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -17,16 +15,7 @@ import pytest
 
 from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image, image_size_from_header, read_image
 
-
-def huge_png(width: int = 33000, height: int = 33000) -> bytes:
-    """A PNG whose header says ``width`` x ``height`` px, 8-bit gray (only the first rows have data)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\0" * (width + 1) * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+from conftest import huge_png
 
 
 def write_huge(path: Path) -> Path:

@@ -435,7 +435,7 @@ def test_unreadable_images_are_skipped_and_counted(weights, tmp_path, capsys):
 
 
 def test_image_over_the_opencv_pixel_limit_is_skipped_and_counted(weights, tmp_path, capsys, caplog):
-    from test_image_limits import huge_png
+    from conftest import huge_png
 
     root = tmp_path / "images"
     write_image(root / "a.png", 64, 64, [(30, 30, 10)])
@@ -552,7 +552,7 @@ def test_guide_script_runs_with_the_guide_flags(weights, cells, tmp_path, monkey
 @pytest.mark.slow
 def test_lightning_predict_writes_the_same_coco_json(tiny_data, tmp_path):
     """After a real ``fit``: ``predict --config ... --ckpt_path`` gives the file ``predict --images`` gives."""
-    from test_export import calibrate_batchnorm
+    from conftest import calibrate_batchnorm
 
     from conftest import fit_args
 

@@ -232,7 +232,7 @@ def test_bad_inputs_give_one_error_line(pool, tmp_path, capsys):
 def test_image_over_the_opencv_pixel_limit_is_skipped_and_counted(pool, tmp_path, caplog):
     import shutil
 
-    from test_image_limits import huge_png
+    from conftest import huge_png
 
     folder = tmp_path / "pool"
     shutil.copytree(pool, folder)
