@@ -24,6 +24,7 @@ import re
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -114,6 +115,40 @@ def lightning_style_predict(args: list[str]) -> bool:
     return any(n in LIGHTNING_PREDICT_FLAGS or n.startswith(LIGHTNING_PREDICT_PREFIXES) for n in names)
 
 
+def _flag_value(args: list[str], *flags: str) -> str | None:
+    """The value of the last of ``flags`` in ``args`` (``--flag value`` or ``--flag=value``), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, rest = arg.partition("=")
+        if name in flags:
+            value = rest if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def data_from_weights(args: list[str]) -> list[str]:
+    """``validate``/``test`` of an Ultralytics ``.pt`` alone: its data set (and imgsz) from the file's ``train_args``.
+
+    As ``yolo segment val model=best.pt`` does: when ``--model.model`` names a ``.pt`` and neither
+    ``--data.dataset`` nor a ``--config`` is given, the file's recorded ``data`` (``weights/best.pt`` of a run
+    records its absolute path) becomes ``--data.dataset``, and its ``imgsz`` ``--data.imgsz`` unless given.
+    """
+    weights = _flag_value(args, "--model.model")
+    if not weights or not weights.endswith(".pt") or _flag_value(args, "--data.dataset", "--config", "-c"):
+        return args
+    from cellseg_pl.model import load_ultralytics_checkpoint
+
+    train_args = load_ultralytics_checkpoint(weights, "--model.model").get("train_args") or {}
+    data = train_args.get("data")
+    if not data or not Path(str(data)).is_file():
+        recorded = f"records data={data}, which does not exist here" if data else "records no data set"
+        raise ValueError(f"--model.model: {weights} {recorded}; pass --data.dataset path/to/dataset.yaml")
+    extra = ["--data.dataset", str(data)]
+    if train_args.get("imgsz") and _flag_value(args, "--data.imgsz") is None:
+        extra += ["--data.imgsz", str(int(train_args["imgsz"]))]
+    logging.getLogger(__name__).info("--model.model %s: data set %s from the file's train_args", weights, data)
+    return args + extra
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced, e.g. by a test runner)."""
 
@@ -156,6 +191,7 @@ def configure_environment() -> None:
 def _usage() -> str:
     lines = ["usage: python -m cellseg_pl <command> [options]", "", "training (LightningCLI; --help on each):"]
     lines += [f"  {c}" for c in LIGHTNING_COMMANDS]
+    lines += ["  val        = validate; `val --model.model run/weights/best.pt` alone takes data= from the file"]
     lines += ["", "tools (--help on each):"]
     lines += [f"  {name:<10} {tool.help}" for name, tool in TOOLS.items()]
     return "\n".join(lines)
@@ -337,7 +373,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from cellseg_pl.cli import CellSegCLI
 
+    if argv[0] == "val":  # Ultralytics' name for it
+        argv[0], from_sys = "validate", False
     try:
+        if argv[0] in ("validate", "test"):
+            given = argv
+            argv = [argv[0], *data_from_weights(argv[1:])]
+            from_sys = from_sys and argv == given
         CellSegCLI(args=None if from_sys else argv)
     except SIGTERMException:
         print("stopped by SIGTERM; weights/last.ckpt holds the state: resume with --ckpt_path last", file=sys.stderr)

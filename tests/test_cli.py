@@ -291,3 +291,25 @@ def test_failed_fit_files_are_kept_once_a_checkpoint_exists(tmp_path):
     (run / "weights" / "last.ckpt").unlink()
     remove_failed_fit_files(run, {run / "weights"})
     assert sorted(p.name for p in run.iterdir()) == ["weights"]
+
+
+def test_val_of_an_ultralytics_pt_reads_its_data_from_train_args(tiny_data, tmp_path, capsys):
+    """``val --model.model best.pt`` alone, as ``yolo segment val model=best.pt``: data and imgsz from the file."""
+    import torch
+
+    from cellseg_pl.model import build_network, save_ultralytics_checkpoint
+
+    torch.manual_seed(0)
+    pt = tmp_path / "best.pt"
+    save_ultralytics_checkpoint(build_network("yolov8n-seg.yaml", 1), pt, {0: "cell"},
+                                {"data": str(tiny_data.resolve()), "imgsz": 64})
+    code = main(["val", "--model.model", str(pt), "--data.num_workers", "0",
+                 "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "validation (" in out.out + out.err
+
+    missing = tmp_path / "nodata.pt"
+    save_ultralytics_checkpoint(build_network("yolov8n-seg.yaml", 1), missing, {0: "cell"}, {"imgsz": 64})
+    code = main(["validate", "--model.model", str(missing)])
+    error_line(code, capsys.readouterr().err, "--model.model", "nodata.pt", "records no data set", "--data.dataset")
