@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from cellseg_pl.outdir import atomic_file
+
 log = logging.getLogger(__name__)
 
 #: Column order of Ultralytics' segment ``results.csv``; extra metrics follow, sorted.
@@ -92,14 +94,11 @@ class ResultsCSV(L.Callback):
         rows.append(row)
         extra = sorted({k for r in rows for k in r} - set(RESULTS_COLUMNS))
         columns = [c for c in RESULTS_COLUMNS if any(c in r for r in rows)] + extra
-        tmp = self.path.with_suffix(".csv.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", newline="") as f:
+        with atomic_file(self.path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: _format(r.get(k, "")) for k in columns})
-        os.replace(tmp, self.path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"elapsed": self._elapsed}
@@ -259,12 +258,9 @@ class UltralyticsWeights(L.Callback):
     def _save(self, pl_module: L.LightningModule, name: str, epoch: int) -> None:
         from cellseg_pl.model import save_ultralytics_checkpoint
 
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        target = self.weights_dir / name
-        tmp = self.weights_dir / f".partial-{os.getpid()}-{name}"
-        save_ultralytics_checkpoint(pl_module.eval_net, tmp, pl_module.class_names,
-                                    {**self.train_args, "epochs_trained": epoch})
-        os.replace(tmp, target)
+        with atomic_file(self.weights_dir / name) as tmp:
+            save_ultralytics_checkpoint(pl_module.eval_net, tmp, pl_module.class_names,
+                                        {**self.train_args, "epochs_trained": epoch})
 
     def _refresh_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
