@@ -85,7 +85,7 @@ class CellSegDataModule(L.LightningDataModule):
         copy_paste_mode: ``flip`` (Ultralytics' default and algorithm: mirrored copies of the sample's own cells
             that overlap existing ones by under 30 %, before the warp) or ``free`` (cells of another image, rotated
             and scaled to the sample's zoom, into background they do not touch).
-        close_mosaic: turn mosaic off for the last N epochs (0: never).
+        close_mosaic: turn mosaic, copy-paste and mixup off for the last N epochs (0: never), as Ultralytics.
         cache: keep decoded, resized images: ``auto`` (in RAM when the train and val images fit half the available
             memory, shared by this node's processes; else none), ``ram``, ``disk`` (``.npz`` files in
             ``<dataset folder>/.cellseg_cache``) or ``none`` (see :mod:`cellseg_pl.cache`).
@@ -151,13 +151,15 @@ class CellSegDataModule(L.LightningDataModule):
         return dict(self.spec.names)
 
     def set_epoch(self, epoch: int, max_epochs: int) -> None:
-        """Set the epoch the augmentation seeds derive from, and apply ``close_mosaic`` (off for the last N epochs)."""
+        """Set the epoch the augmentation seeds derive from, and apply ``close_mosaic``: mosaic, copy-paste and
+        mixup off for the last N epochs (Ultralytics' ``close_mosaic`` turns all three off)."""
         self._epoch.value = epoch
         close = self.hparams.close_mosaic
-        enabled = self.hparams.mosaic > 0 and not (close and max_epochs > 0 and epoch >= max_epochs - close)
-        if enabled != self.train_transform.mosaic_enabled:
-            log.info("mosaic %s from epoch %d", "on" if enabled else "off (close_mosaic)", epoch + 1)
-        self.train_transform.mosaic_enabled = enabled
+        enabled = not (close and max_epochs > 0 and epoch >= max_epochs - close)
+        mixed = [k for k in ("mosaic", "copy_paste", "mixup") if self.hparams[k] > 0]
+        if enabled != self.train_transform.mixing_enabled and mixed:
+            log.info("%s %s from epoch %d", ", ".join(mixed), "on" if enabled else "off (close_mosaic)", epoch + 1)
+        self.train_transform.mixing_enabled = enabled
 
     def setup(self, stage: str) -> None:
         """Scan the splits the stage reads, once and before the first step (:mod:`cellseg_pl.scan`).

@@ -129,8 +129,8 @@ class TrainTransform:
         self.degrees, self.translate, self.scale = degrees, translate, scale
         self.shear, self.perspective = shear, perspective
         self.mosaic_p, self.mixup_p, self.copy_paste_p = mosaic, mixup, copy_paste
-        # Shared memory, so that persistent data-loader workers see close_mosaic switch it off.
-        self._mosaic_on = multiprocessing.Value("b", mosaic > 0, lock=False)
+        # Shared memory, so that persistent data-loader workers see close_mosaic switch the mixing off.
+        self._mixing_on = multiprocessing.Value("b", True, lock=False)
         color: list[A.BasicTransform] = []
         if extras > 0:  # Ultralytics' default Albumentations (image only)
             color += [A.Blur(p=extras), A.MedianBlur(p=extras), A.ToGray(p=extras), A.CLAHE(p=extras)]
@@ -143,24 +143,29 @@ class TrainTransform:
         self.color = A.Compose(color)
 
     @property
-    def mosaic_enabled(self) -> bool:
-        """Whether mosaic may be applied (``close_mosaic`` turns it off for the last epochs)."""
-        return bool(self._mosaic_on.value)
+    def mixing_enabled(self) -> bool:
+        """Whether mosaic, copy-paste and mixup may be applied: ``close_mosaic`` turns all three off for the last
+        epochs, as Ultralytics' ``close_mosaic`` does (the model ends its training on plain, unmixed images)."""
+        return bool(self._mixing_on.value)
 
-    @mosaic_enabled.setter
-    def mosaic_enabled(self, value: bool) -> None:
-        self._mosaic_on.value = bool(value)
+    @mixing_enabled.setter
+    def mixing_enabled(self, value: bool) -> None:
+        self._mixing_on.value = bool(value)
+
+    @property
+    def mosaic_enabled(self) -> bool:
+        """Whether mosaic may be applied (a ``mosaic`` probability above 0, and not turned off by close_mosaic)."""
+        return self.mixing_enabled and self.mosaic_p > 0
 
     def __call__(self, sample: dict[str, Any], dataset: Any, rng: np.random.Generator) -> dict[str, Any]:
         """Augment one loaded sample; ``rng`` is its own random stream (the data set derives it per sample)."""
         self.color.set_random_seed(int(rng.integers(2**31)))
         sample, gain = self._geometric(sample, dataset, rng, self.copy_paste_mode == "flip")
-        if self.copy_paste_mode == "free" and self.copy_paste_p > 0 and rng.random() < self.copy_paste_p and len(
-            dataset
-        ) > 1:
+        mixing = self.mixing_enabled and len(dataset) > 1
+        if mixing and self.copy_paste_mode == "free" and self.copy_paste_p > 0 and rng.random() < self.copy_paste_p:
             source = dataset.load(int(rng.integers(len(dataset))))
             sample = copy_paste(sample, source, self.copy_paste_p, rng, zoom=gain)
-        if self.mixup_p > 0 and rng.random() < self.mixup_p and len(dataset) > 1:
+        if mixing and self.mixup_p > 0 and rng.random() < self.mixup_p:
             other, _ = self._geometric(dataset.load(int(rng.integers(len(dataset)))), dataset, rng)
             sample = mixup(sample, other, rng)
         out = self.color(image=sample["image"], mask=sample["instances"])
@@ -173,7 +178,7 @@ class TrainTransform:
 
         Returns the sample and its scale gain.
         """
-        flip_paste = flip_paste and self.copy_paste_p > 0
+        flip_paste = flip_paste and self.copy_paste_p > 0 and self.mixing_enabled
         use_mosaic = self.mosaic_enabled and len(dataset) > 1 and rng.random() < self.mosaic_p
         if use_mosaic:
             tiles = [sample, *(dataset.load(int(rng.integers(len(dataset)))) for _ in range(3))]

@@ -233,3 +233,28 @@ def test_flip_copy_paste_in_the_pipeline_keeps_masks_with_pixels():
 def test_copy_paste_mode_is_checked():
     with pytest.raises(ValueError, match="copy_paste_mode"):
         plain(copy_paste_mode="mirror")
+
+
+@pytest.mark.parametrize("mode", ["flip", "free"])
+def test_close_mosaic_also_turns_copy_paste_and_mixup_off(tiny_data, mode, caplog):
+    """As Ultralytics' ``close_mosaic`` (mosaic, copy_paste, mixup = 0): the last epochs train on plain images."""
+    import logging
+
+    from cellseg_pl.datamodule import CellSegDataModule
+
+    caplog.set_level(logging.INFO, logger="cellseg_pl.datamodule")
+    dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, mosaic=0.0, copy_paste=1.0,
+                           copy_paste_mode=mode, mixup=1.0, close_mosaic=2, degrees=0.0, translate=0.0, scale=0.0,
+                           fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
+    ds = dm._dataset("train", train=True)
+
+    def cells(epoch: int) -> list[int]:
+        dm.set_epoch(epoch, 5)
+        tf = dm.train_transform
+        return [len(np.unique(tf(ds.load(i), ds, np.random.default_rng([epoch, i]))["instances"])) - 1
+                for i in range(len(ds))]
+
+    plain = [len(ds.load(i)["classes"]) for i in range(len(ds))]
+    assert sum(cells(0)) > sum(plain)  # pasted and mixed cells while mixing is on
+    assert cells(3) == plain  # none in the close_mosaic epochs
+    assert [r.getMessage() for r in caplog.records] == ["copy_paste, mixup off (close_mosaic) from epoch 4"]
