@@ -69,7 +69,6 @@ import math
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,6 +76,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+import bench_common
 from bench_common import REPO, evaluate, run_cellseg, spawn, true_instances
 from bench_real_cells import DEFAULT_FRAMES, LABEL_NOTE, QUICK_FRAMES, build_hela, parse_frames
 
@@ -85,7 +85,6 @@ STRATEGIES = ("random", "uncertainty", "mixed", "diverse")
 RANKED = ("uncertainty", "mixed", "diverse")
 CONF = 0.25  # operating point of the corrections and of the test F1
 IOU = 0.5
-MARKER = ".bench_active_learning"
 #: Below this test F1 the seed model is too weak for the uncertainty ranking to mean much (a warning says so).
 WEAK_SEED_F1 = 0.3
 #: The default full run (what :func:`estimate_seconds` projects at the end of any run).
@@ -709,22 +708,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare_out(out: Path, resume: bool) -> None:
     """Create ``out``; a folder holding anything else than this benchmark's output is refused, an earlier run is
     replaced unless ``resume``."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise SystemExit(f"--out: {out} holds files this benchmark did not write; choose another folder")
-    if not resume:
-        for stale in ("data", "runs", "results.csv", "bench.json", "state.json", "learning_curves.png"):
-            target = out / stale
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("output of scripts/bench_active_learning.py; replaced by its next run\n")
-    if out.is_relative_to(REPO):
-        ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "data")], cwd=REPO).returncode == 0
-        if not ignored:
-            print(f"warning: {out} is inside the repository and not git-ignored: never commit its data/ "
-                  "(licensed images and labels)", file=sys.stderr)
+    stale = ("data", "runs", "results.csv", "bench.json", "state.json", "learning_curves.png")
+    bench_common.prepare_out(out, __file__, stale, resume)
 
 
 def config_of(a: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -265,3 +266,25 @@ def score(weights: str, data: str, imgsz: int, split: str = "val") -> dict:
     """``mAP50(M)``, ``mAP50-95(M)`` and ``F1``/``P``/``R@0.5`` at conf 0.25 of one split (see :func:`evaluate`)."""
     result = evaluate(weights, data, imgsz, split)
     return {k: result[k] for k in ("mAP50(M)", "mAP50-95(M)", "F1@0.5", "P@0.5", "R@0.5")}
+
+
+def prepare_out(out: Path, script: str, stale: tuple[str, ...], resume: bool = False) -> None:
+    """Create a benchmark's ``out`` folder, marked as ``script``'s; the entries ``stale`` of an earlier run are
+    removed unless ``resume``. A folder holding anything else than this script's output is refused."""
+    marker = out / f".{Path(script).stem}"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise SystemExit(f"--out: {out} holds files this benchmark did not write; choose another folder")
+    if not resume:
+        for name in stale:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"output of scripts/{Path(script).name}; replaced by its next run\n")
+    if out.is_relative_to(REPO):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "data")], cwd=REPO).returncode == 0
+        if not ignored:
+            print(f"warning: {out} is inside the repository and not git-ignored: never commit its data/ "
+                  "(licensed images and labels)", file=sys.stderr)

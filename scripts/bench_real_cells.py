@@ -55,6 +55,7 @@ import cv2
 import numpy as np
 import yaml
 
+import bench_common
 from bench_common import REPO, evaluate, run_cellseg, run_ultralytics, spawn
 
 TRAINERS = ("ultralytics", "cellseg_pl")
@@ -75,7 +76,6 @@ CONF = 0.25
 DEFAULT_FRAMES = {"train": "0-12", "val": "13-14", "test": "16-19"}
 QUICK_FRAMES = {"train": "0-2", "val": "13", "test": "16"}
 BUSY_LOAD = 2.5
-MARKER = ".bench_real_cells"
 METRICS = (  # key, label
     ("F1@0.5", f"F1 @IoU0.5, conf {CONF}"),
     ("P@0.5", f"precision @IoU0.5, conf {CONF}"),
@@ -464,21 +464,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare_out(out: Path) -> None:
     """Create ``out``; a folder holding anything else than an earlier run of this benchmark is refused."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise SystemExit(f"--out: {out} holds files this benchmark did not write; choose another folder")
-    for stale in ("data", "runs", "results.csv", "bench.json"):
-        target = out / stale
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("output of scripts/bench_real_cells.py; replaced by its next run\n")
-    if out.is_relative_to(REPO):
-        ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "data")], cwd=REPO).returncode == 0
-        if not ignored:
-            print(f"warning: {out} is inside the repository and not git-ignored: never commit its data/ "
-                  "(licensed images and labels)", file=sys.stderr)
+    bench_common.prepare_out(out, __file__, ("data", "runs", "results.csv", "bench.json"))
 
 
 def worker(a: argparse.Namespace) -> int:
