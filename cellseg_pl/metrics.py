@@ -107,12 +107,18 @@ def mask_map_metric() -> MeanAveragePrecision:
     )
 
 
+def rle_iou(a: list[dict], b: list[dict]) -> np.ndarray:
+    """IoU matrix (n, m) float64 between two lists of COCO RLEs of one image (pycocotools, no crowd)."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    return np.asarray(mask_utils.iou(a, b, [0] * len(b)), np.float64).reshape(len(a), len(b))
+
+
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU matrix (n, m) between boolean mask stacks a (n, H, W) and b (m, H, W) (computed on RLEs: fast)."""
     if not len(a) or not len(b):
         return torch.zeros(len(a), len(b), device=a.device)
-    iou = mask_utils.iou(encode_masks(a), encode_masks(b), [0] * len(b))
-    return torch.as_tensor(np.asarray(iou, np.float32).reshape(len(a), len(b)), device=a.device)
+    return torch.as_tensor(rle_iou(encode_masks(a), encode_masks(b)).astype(np.float32), device=a.device)
 
 
 def matched_pairs(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.Tensor,
@@ -129,8 +135,7 @@ def _match_rles(pred: list[dict], pred_labels: torch.Tensor, gt: list[dict], gt_
                 iou_threshold: float) -> tuple[list[int], list[int], list[float]]:
     if not pred or not gt:
         return [], [], []
-    iou = np.asarray(mask_utils.iou(pred, gt, [0] * len(gt)), np.float64).reshape(len(pred), len(gt))
-    iou = iou * (pred_labels.cpu().numpy()[:, None] == gt_labels.cpu().numpy()[None, :])
+    iou = rle_iou(pred, gt) * (pred_labels.cpu().numpy()[:, None] == gt_labels.cpu().numpy()[None, :])
     rows, cols = linear_sum_assignment(-iou)
     matched = iou[rows, cols]
     good = matched >= iou_threshold
