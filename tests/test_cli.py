@@ -33,7 +33,7 @@ def test_fit_help_documents_every_model_and_data_argument(capsys):
     for name in init_args(CellSegDataModule):
         assert f"--data.{name}" in help_text, name
     # the docstrings become the help text
-    assert "nominal batch size" in help_text and "turn mosaic off for the last N epochs" in help_text
+    assert "nominal batch size" in help_text and "turn mosaic, copy-paste and mixup off for the last N epochs" in help_text
 
 
 @pytest.mark.parametrize("tool, flags", [
