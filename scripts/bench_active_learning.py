@@ -78,7 +78,7 @@ import numpy as np
 
 import bench_common
 from bench_common import REPO, evaluate, run_cellseg, spawn, true_instances
-from bench_real_cells import DEFAULT_FRAMES, LABEL_NOTE, QUICK_FRAMES, build_hela, parse_frames
+from bench_real_cells import DEFAULT_FRAMES, LABEL_NOTE, QUICK_FRAMES, build_hela, resolve_frames
 
 STRATEGIES = ("random", "uncertainty", "mixed", "diverse")
 #: Strategies that need ``select``'s ranking of the pool.
@@ -678,14 +678,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for key, default in DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, QUICK[key] if a.quick else default)
-    for split in DEFAULT_FRAMES:
-        if getattr(a, f"{split}_frames") is None:
-            setattr(a, f"{split}_frames", (QUICK_FRAMES if a.quick else DEFAULT_FRAMES)[split])
-        else:
-            try:
-                parse_frames(getattr(a, f"{split}_frames"))
-            except ValueError as e:
-                p.error(f"--{split}-frames: {e}")
+    resolve_frames(a, p)
     for flag in ("cycles", "k", "seed_size", "epochs", "seed_epochs"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: {getattr(a, flag)} is not a positive number")

@@ -407,6 +407,18 @@ def epoch_s(run: dict) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def resolve_frames(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Fill unset ``--{train,val,test}-frames`` with the (quick) defaults; a malformed one is a usage error."""
+    for split in DEFAULT_FRAMES:
+        if getattr(a, f"{split}_frames") is None:
+            setattr(a, f"{split}_frames", (QUICK_FRAMES if a.quick else DEFAULT_FRAMES)[split])
+        else:
+            try:
+                parse_frames(getattr(a, f"{split}_frames"))
+            except ValueError as e:
+                p.error(f"--{split}-frames: {e}")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="a CVAT 'COCO 1.0' zip to compare on instead of the HeLa nuclei")
@@ -441,14 +453,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.epochs = a.epochs or (3 if a.quick else 8)
     a.seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
-    for split in DEFAULT_FRAMES:
-        if getattr(a, f"{split}_frames") is None:
-            setattr(a, f"{split}_frames", (QUICK_FRAMES if a.quick else DEFAULT_FRAMES)[split])
-        else:
-            try:
-                parse_frames(getattr(a, f"{split}_frames"))
-            except ValueError as e:
-                p.error(f"--{split}-frames: {e}")
+    resolve_frames(a, p)
     if a.imgsz % 32:
         p.error(f"--imgsz: {a.imgsz} is not a multiple of 32")
     if a.tile < 0 or (a.tile and a.overlap >= a.tile):
