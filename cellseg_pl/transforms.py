@@ -239,7 +239,7 @@ def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.
     if not len(chosen):
         return sample
     flipped_ids = instances[:, ::-1]
-    lut = np.zeros(int(instances.max()) + 1, np.int64)
+    lut = np.zeros(int(instances.max()) + 1, np.uint16)  # (instance maps are uint16: a small, fast gather)
     n = len(sample["classes"])
     lut[chosen] = n + 1 + np.arange(len(chosen))
     new = lut[flipped_ids]
