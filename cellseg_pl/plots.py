@@ -8,7 +8,7 @@
   (``predict --save-overlays``).
 * :class:`ValidationPictures`: the callback every ``fit`` runs; it writes both into the run folder::
 
-      results.png             the curves, redrawn after an epoch (at most ~5% of the training time) and at the end
+      results.png             the curves, redrawn after an epoch (at most ~1% of the training time) and at the end
       val_pred.png            the first validation images of the latest epoch (overwritten every epoch)
       val_pred_epoch{N}.png   the same, kept for epoch 1, every ``every``-th epoch and the last epoch
 
@@ -347,7 +347,7 @@ class ValidationPictures(L.Callback):
 
     def __init__(
         self, run_dir: str | Path, n_images: int = 4, every: int = 10, max_side: int = 512,
-        results_overhead: float = 0.05,
+        results_overhead: float = 0.01,
     ) -> None:  # fmt: skip
         self.run_dir = Path(run_dir)
         self.n_images, self.every, self.max_side = n_images, max(1, every), max_side

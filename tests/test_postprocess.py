@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellseg_pl.postprocess import postprocess, to_original
+from cellseg_pl.postprocess import box_masks, postprocess, to_original
 
 S, NC, NM = 64, 2, 32  # input side, classes, mask coefficients
 
@@ -98,3 +98,28 @@ def test_to_original_undoes_the_letterbox_with_full_size_masks(ori_shape, box_in
     expected = torch.zeros(h0, w0, dtype=torch.bool)
     expected[y0:y1, x0:x1] = True
     assert torch.equal(out["masks"][0], expected)  # rebuilt at the original resolution, cropped to the box
+
+
+@pytest.mark.parametrize("side", [64, 320])
+def test_box_masks_are_ultralytics_process_mask_bit_for_bit(side):
+    """The windowed upsampling gives exactly Ultralytics' masks: boxes inside, across the image edges, tiny, empty,
+    on integer and fractional pixel bounds."""
+    from ultralytics.utils.ops import process_mask
+
+    g = torch.Generator().manual_seed(side)
+    proto = torch.randn(NM, side // 4, side // 4, generator=g)
+    n = 120
+    centre = torch.rand(n, 2, generator=g) * side * 1.1 - side * 0.05
+    half = torch.rand(n, 2, generator=g) * side * 0.15
+    boxes = torch.cat([centre - half, centre + half], 1)
+    s = float(side)
+    boxes[:6] = torch.tensor([[0, 0, s, s], [-3.5, -2.2, 10.3, 7.9], [s - 5.5, s - 9.1, s + 3, s + 2],
+                              [10, 10, 10, 12], [4.0, 8.0, 12.0, 16.0], [7.25, 3.75, 8.5, 4.25]])
+    coeffs = torch.randn(n, NM, generator=g) * 0.3
+    expected = process_mask(proto, coeffs, boxes, (side, side), upsample=True).bool()
+    got = box_masks(proto, coeffs, boxes, (side, side))
+    assert got.dtype == torch.bool and got.shape == (n, side, side)
+    assert expected.any() and torch.equal(got, expected)
+    assert box_masks(proto, coeffs[:0], boxes[:0], (side, side)).shape == (0, side, side)
+    with pytest.raises(ValueError, match="not 4x"):
+        box_masks(proto, coeffs, boxes, (side, side + 4))
