@@ -33,6 +33,16 @@ def mask_fitness(map50: torch.Tensor, map50_95: torch.Tensor) -> torch.Tensor:
 class CellSegModule(L.LightningModule):
     """YOLOv8-seg on Lightning; knobs carry Ultralytics' names and defaults.
 
+    The arguments come in five groups, in this order (flat, so that ``--model.lr0``, the configs and the
+    hyper-parameters stored in every checkpoint keep Ultralytics' names):
+
+    * network: ``model``, ``reinit_head`` (``num_classes``, ``class_names`` and ``overlap_mask`` are linked from
+      the data; ``model_yaml`` is filled in by the module itself);
+    * optimizer recipe: ``optimizer`` ... ``grad_clip``, and the weight average ``ema`` ... ``ema_tau``;
+    * loss gains: ``box``, ``cls``, ``dfl``;
+    * validation and prediction: ``conf``, ``iou``, ``max_det``, ``pr_conf``, ``min_area``, ``predict_conf``;
+    * safety: ``max_nonfinite``.
+
     Args:
         model: model yaml to train from scratch (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path), or weights
             to fine-tune: an Ultralytics ``.pt`` (e.g. the lab's ``yolov8s_cells_v1.0.pt``; a pickle: load only
@@ -112,7 +122,7 @@ class CellSegModule(L.LightningModule):
         self.hparams["model_yaml"] = network_yaml(self.net)
         self.hparams["class_names"] = dict(self.net.names)
         self.ema = EMA(self.net, ema_decay, ema_tau) if ema else None
-        self.val_map = mask_map_metric()
+        self.val_map = mask_map_metric(pred_masks_in_boxes=True)  # postprocess crops every mask to its box
         self.val_match = CellMatchMetrics(conf=pr_conf, min_area=min_area)
         self._criterion = None
         self._criterion_device: torch.device | None = None

@@ -60,12 +60,12 @@ from cellseg_pl.inference import (
     Instance,
     PredictError,
     Predictor,
-    intersection,
     is_inside,
     list_images,
     load_network,
     parse_device,
 )
+from cellseg_pl.metrics import encode_crops, rle_iou
 from cellseg_pl.outdir import atomic_file, write_atomic
 from cellseg_pl.predict import PredictSummary, predict_folder
 
@@ -94,22 +94,12 @@ def unflip(inst: Instance, height: int, width: int, axis: int) -> Instance:
 
 
 def iou_matrix(a: list[Instance], b: list[Instance]) -> np.ndarray:
-    """Mask IoU ``(len(a), len(b))`` between two detection lists of one image."""
-    out = np.zeros((len(a), len(b)))
+    """Mask IoU ``(len(a), len(b))`` between two detection lists of one image (:func:`cellseg_pl.metrics.rle_iou`)."""
     if not a or not b:
-        return out
-    boxes_b = np.array([d.box for d in b])
-    areas_a, areas_b = [d.area for d in a], [d.area for d in b]
-    for i, d in enumerate(a):
-        x0, y0, x1, y1 = d.box
-        near = np.flatnonzero(
-            (boxes_b[:, 0] < x1) & (boxes_b[:, 2] > x0) & (boxes_b[:, 1] < y1) & (boxes_b[:, 3] > y0)
-        )
-        for j in near:
-            inter = intersection(d, b[j])
-            if inter:
-                out[i, j] = inter / (areas_a[i] + areas_b[j] - inter)
-    return out
+        return np.zeros((len(a), len(b)))
+    height, width = max(d.box[3] for d in a + b), max(d.box[2] for d in a + b)  # a canvas holding every mask
+    rles_a, rles_b = (encode_crops([(d.mask, d.x0, d.y0) for d in x], height, width) for x in (a, b))
+    return rle_iou(rles_a, rles_b)
 
 
 def flip_disagreement(original: list[Instance], flipped: list[Instance]) -> tuple[float, float]:

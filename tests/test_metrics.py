@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
-from cellseg_pl.metrics import CellMatchMetrics, mask_iou, mask_map_metric, match
+from cellseg_pl.metrics import (
+    CellMatchMetrics,
+    encode_crops,
+    encode_masks,
+    mask_iou,
+    mask_map_metric,
+    match,
+    rle_iou,
+)
 
 
 def disk(cx: int, cy: int, r: int, size: int = 64) -> torch.Tensor:
@@ -74,6 +84,36 @@ def test_mask_iou_matrix():
     a = torch.stack([disk(10, 10, 5), disk(40, 40, 5)])
     iou = mask_iou(a, a[[1]])
     assert iou.shape == (2, 1) and iou[0, 0] == 0 and iou[1, 0] == 1
+
+
+
+def test_crops_encode_as_their_masks_pasted_into_the_image():
+    """encode_crops (Instance-style crops, also partly outside the image) gives encode_masks' RLEs of the pasted
+    masks, so the IoU of crops is the IoU of full masks."""
+    g = np.random.default_rng(0)
+    height, width = 37, 53
+    crops = [(g.random((h, w)) > 0.4, x0, y0)
+             for h, w, x0, y0 in [(5, 7, 0, 0), (9, 4, 49, 30), (6, 6, -2, 10), (8, 8, 20, -3), (3, 3, 60, 5),
+                                  (12, 20, 10, 12)]]
+    crops.append((np.zeros((4, 4), bool), 3, 3))  # an empty mask
+    full = np.zeros((len(crops), height, width), bool)
+    for k, (mask, x0, y0) in enumerate(crops):
+        for (r, c) in zip(*np.nonzero(mask)):
+            if 0 <= y0 + r < height and 0 <= x0 + c < width:
+                full[k, y0 + r, x0 + c] = True
+    got, expected = encode_crops(crops, height, width), encode_masks(full)
+    assert [r["counts"] for r in got] == [r["counts"] for r in expected]
+    reference = mask_utils.encode(np.asfortranarray(full.transpose(1, 2, 0).astype(np.uint8)))
+    assert [r["counts"] for r in expected] == [r["counts"] for r in reference]
+    iou, nonempty = np.diag(rle_iou(got, got)), full.any((1, 2))
+    assert nonempty.sum() == 5 and np.allclose(iou[nonempty], 1.0) and not iou[~nonempty].any()
+    # masks known to lie inside boxes: scanning only the boxes gives the same RLEs
+    boxes = []
+    for mask in full:
+        rows, cols = np.nonzero(mask)
+        boxes.append([cols.min() - 0.5, rows.min() - 0.2, cols.max() + 1.3, rows.max() + 1] if len(rows) else [3, 3, 3, 3])
+    in_boxes = encode_masks(full, boxes=np.array(boxes))
+    assert [r["counts"] for r in in_boxes] == [r["counts"] for r in expected]
 
 
 # ---------------------------------------------------------------------------------------------- cell metrics
