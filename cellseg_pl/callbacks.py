@@ -6,7 +6,9 @@ import csv
 import logging
 import math
 import os
+import shutil
 import time
+from weakref import proxy
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +130,37 @@ class RunCheckpoint(ModelCheckpoint):
     Lightning's own callback refreshes ``last`` only when it also saves a top-k checkpoint or when an optimizer
     step happened since the previous save; with Ultralytics' gradient accumulation an epoch can end without one.
     Every file is written to a temporary name in the same folder and renamed into place, so a crash or
-    ``kill -9`` at any moment leaves the previous complete file.
+    ``kill -9`` at any moment leaves the previous complete file. When ``best`` was just written from the same
+    state (a new best epoch), ``last`` becomes a hard link to it instead of a second serialization of the same
+    weights and optimizer; files are only ever replaced by renaming, never rewritten, so the two stay independent.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_epoch_saved = -1
+        self._saved_at: tuple | None = None  # what ``now`` was when _last_checkpoint_saved was written
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         folder, name = os.path.split(filepath)
         tmp = os.path.join(folder, f".partial-{os.getpid()}-{name}")  # never matches the "last*" pattern
-        super()._save_checkpoint(trainer, tmp)
+        # (epoch, step, batch) and the last path the state records: the state ``last`` would hold
+        now = (trainer.current_epoch, trainer.global_step, trainer.fit_loop.total_batch_idx, self.last_model_path)
+        same = self._last_checkpoint_saved
+        if name.startswith(self.CHECKPOINT_NAME_LAST) and self._saved_at == now and same and same != filepath:
+            # that very state was written to ``same`` a moment ago (every rank takes this branch alike)
+            if trainer.is_global_zero:
+                try:
+                    os.link(same, tmp)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(same, tmp)
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+            self._last_global_step_saved = trainer.global_step
+        else:
+            super()._save_checkpoint(trainer, tmp)
+        # (Lightning sets last_model_path to ``last`` before it writes ``last``: a ``best`` written first matches it
+        # from the second epoch on)
+        self._saved_at = now
         if trainer.is_global_zero:
             os.replace(tmp, filepath)
         trainer.strategy.barrier("RunCheckpoint.rename")

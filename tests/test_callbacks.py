@@ -251,6 +251,43 @@ def test_run_checkpoint_writes_last_every_epoch_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no .partial-* left
 
 
+def test_run_checkpoint_links_last_to_a_best_of_the_same_state(tmp_path):
+    """A new best epoch writes its state once: ``last`` is a hard link to ``best``; the next epoch's ``last``
+    replaces the link by renaming, and ``best`` keeps its epoch."""
+    import os
+
+    import lightning as L
+
+    scores = [1.0, 2.0, 0.5]  # epochs 1 and 2 are new bests (epoch 1 records no last path yet), epoch 3 is not
+    seen = []
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Scored(BoringModel):
+        def on_train_epoch_end(self):
+            self.log("score", scores[self.current_epoch])
+
+    module = Scored()
+
+    class Watch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch:
+                seen.append(os.path.samefile(tmp_path / "last.ckpt", tmp_path / "best.ckpt"))
+
+    cb = RunCheckpoint(dirpath=str(tmp_path), filename="best", monitor="score", mode="max", save_last=True,
+                       save_top_k=1, enable_version_counter=False)  # fmt: skip
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[cb, Watch()],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")  # fmt: skip
+    trainer.fit(module)
+    assert seen == [False, True]
+    assert not os.path.samefile(tmp_path / "last.ckpt", tmp_path / "best.ckpt")
+    last, best = (torch.load(tmp_path / f"{n}.ckpt", weights_only=False) for n in ("last", "best"))
+    assert (last["epoch"], best["epoch"]) == (2, 1)
+    state = next(v for k, v in last["callbacks"].items() if "RunCheckpoint" in k)
+    assert state["last_model_path"] == str(tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 @pytest.mark.parametrize("interrupt", [True, False])
 def test_run_checkpoint_on_an_interruption_or_a_failure(tmp_path, interrupt):
     module = no_step_module()
