@@ -101,19 +101,31 @@ def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extr
     times: dict[str, list[float]] = {"train": [], "val": []}
 
     class Timer(L.Callback):
+        """Train: from the epoch's start to its validation; val: from there to the next epoch's start (or the end
+        of training), so that it includes the checkpoints and pictures written after validation, as Ultralytics'
+        ``on_fit_epoch_end`` time includes its ``save_model``."""
+
+        v0: float | None = None
+
         def on_train_epoch_start(self, trainer, pl_module):
+            self._close()
             self.t0 = time.perf_counter()
 
         def on_validation_epoch_start(self, trainer, pl_module):
-            self.v0 = time.perf_counter()
             if not trainer.sanity_checking and hasattr(self, "t0"):
+                self.v0 = time.perf_counter()
                 times["train"].append(self.v0 - self.t0)
 
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if not trainer.sanity_checking:
-                times["val"].append(time.perf_counter() - self.v0)
-                print(f"[cellseg_pl] epoch {len(times['val'])}/{a.epochs}: train {times['train'][-1]:.1f} s, "
-                      f"val {times['val'][-1]:.1f} s", flush=True)
+        def on_train_end(self, trainer, pl_module):
+            self._close()
+
+        def _close(self):
+            if self.v0 is None:
+                return
+            times["val"].append(time.perf_counter() - self.v0)
+            self.v0 = None
+            print(f"[cellseg_pl] epoch {len(times['val'])}/{a.epochs}: train {times['train'][-1]:.1f} s, "
+                  f"val {times['val'][-1]:.1f} s (with the checkpoints and pictures after it)", flush=True)
 
     accelerator, devices = ("cpu", "1") if a.device == "cpu" else ("gpu", str(len(a.device.split(","))))
     args = [
