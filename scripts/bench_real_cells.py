@@ -1,6 +1,6 @@
 """Real-data benchmark: train cellseg_pl and Ultralytics side by side on nuclei, score both with one evaluator.
 
-    python scripts/bench_real_cells.py [--seeds 0 1 2] [--epochs 8] [--tile 320] [--imgsz 320] [--batch 8]
+    python scripts/bench_real_cells.py [--seeds 0 1 2] [--epochs 12] [--tile 320] [--imgsz 320] [--batch 8]
         [--nbs 64] [--model yolov8n-seg.yaml] [--out checkpoints/bench_real] [--cache ~/.cache/cellseg_pl/bench]
     python scripts/bench_real_cells.py --quick                 # smoke test: 3 epochs, 1 seed, 5 frames
     python scripts/bench_real_cells.py --data export.zip [--images-dir D] [--test-data test.zip]
@@ -28,8 +28,10 @@ F1/precision/recall at IoU 0.5 at conf 0.25 and at the best conf of 0.05..0.60, 
 COCO mask mAP50 and mAP50-95 (maxDets 300), mean matched IoU and the mean absolute count error per image.
 
 Sizing (2 CPU cores, yolov8n-seg, defaults): both trainers take about 50 s per training epoch and 4-7 s per
-validation, so one run of 8 epochs takes about 8-9 minutes. Shorter runs are not informative: with 156 train
-tiles both models stay at ~0 mAP until epoch 5-6 (measured: 5 epochs, ~5 min, gave mAP50 <= 0.1 for both).
+validation, so one run of 12 epochs takes about 11-12 minutes (a seed, both trainers and scoring, ~24 min).
+Shorter runs are not informative: with 156 train tiles both models stay at ~0 mAP until epoch 5-6 (measured: 5
+epochs gave mAP50 <= 0.1 for both), and at 8 epochs (~40 optimizer steps) a seed's confidence calibration still
+swings by 0.1 in F1 at conf 0.25.
 
 Writes ``results.csv`` (one row per trainer x seed x weights) and ``bench.json`` into ``--out`` and prints
 markdown tables: mean +- std over seeds, per-seed rows, and the train-time ratio ours/Ultralytics.
@@ -434,7 +436,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", type=int, default=32, help="minimum overlap of neighbouring tiles in px")
     p.add_argument("--model", default="yolov8n-seg.yaml", help="model yaml (both train from scratch)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per run (default 8: about 8-9 min per run on 2 quiet CPU cores; 3 with --quick)")
+                   help="epochs per run (default 12: about 11-12 min per run on 2 quiet CPU cores; 3 with --quick)")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--nbs", type=int, default=64, help="nominal batch (gradient accumulation), the same for both")
@@ -451,7 +453,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset-yaml", help=argparse.SUPPRESS)
     p.add_argument("--run-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.epochs = a.epochs or (3 if a.quick else 8)
+    a.epochs = a.epochs or (3 if a.quick else 12)
     a.seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     resolve_frames(a, p)
     if a.imgsz % 32:
