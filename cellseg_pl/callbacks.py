@@ -8,9 +8,9 @@ import math
 import os
 import shutil
 import time
-from weakref import proxy
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import torch

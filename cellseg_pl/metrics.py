@@ -48,7 +48,7 @@ def encode_masks(
     for k in range(n) if indices is None else indices:
         if boxes is not None:
             x0, y0, x1, y1 = windows[k]
-            out.extend(encode_crops([(m[k, y0:y1, x0:x1], x0, y0)], h, w))
+            out.append(_encode_crop(m[k, y0:y1, x0:x1], x0, y0, h, w))
             continue
         xs = np.flatnonzero(m[k].any(axis=0))  # the columns holding the object
         x0, x1 = (int(xs[0]), int(xs[-1]) + 1) if len(xs) else (0, 0)
@@ -60,19 +60,19 @@ def encode_crops(crops: list[tuple[np.ndarray, int, int]], height: int, width: i
     """COCO RLEs of masks given as crops: ``(mask, x0, y0)``, a ``(h, w)`` bool array whose top-left pixel is pixel
     ``(x0, y0)`` of a ``(height, width)`` image (what :class:`cellseg_pl.inference.Instance` holds). Parts outside
     the image are dropped. The same RLEs as :func:`encode_masks` of the masks pasted into full images."""
-    out = []
-    for mask, x0, y0 in crops:
-        mask = np.asarray(mask, bool)
-        cx0, cy0 = max(-x0, 0), max(-y0, 0)  # crop pixels left of / above the image
-        x0, y0 = max(x0, 0), max(y0, 0)
-        x1, y1 = min(x0 + mask.shape[1] - cx0, width), min(y0 + mask.shape[0] - cy0, height)
-        if x1 <= x0 or y1 <= y0:
-            out.append(_encode_columns(np.zeros(0, bool), 0, 0, height, width))
-            continue
-        columns = np.zeros((x1 - x0, height), bool)  # the columns the crop spans, whole height, column-major
-        columns[:, y0:y1] = mask[cy0 : cy0 + y1 - y0, cx0 : cx0 + x1 - x0].T
-        out.append(_encode_columns(columns.reshape(-1), x0, x1, height, width))
-    return out
+    return [_encode_crop(np.asarray(mask, bool), x0, y0, height, width) for mask, x0, y0 in crops]
+
+
+def _encode_crop(mask: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """The RLE of one crop (see :func:`encode_crops`)."""
+    cx0, cy0 = max(-x0, 0), max(-y0, 0)  # crop pixels left of / above the image
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(x0 + mask.shape[1] - cx0, width), min(y0 + mask.shape[0] - cy0, height)
+    if x1 <= x0 or y1 <= y0:
+        return _encode_columns(np.zeros(0, bool), 0, 0, height, width)
+    columns = np.zeros((x1 - x0, height), bool)  # the columns the crop spans, whole height, column-major
+    columns[:, y0:y1] = mask[cy0 : cy0 + y1 - y0, cx0 : cx0 + x1 - x0].T
+    return _encode_columns(columns.reshape(-1), x0, x1, height, width)
 
 
 def _encode_columns(v: np.ndarray, x0: int, x1: int, h: int, w: int) -> dict:
