@@ -15,7 +15,7 @@ deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or an
 is under the git-ignored ``checkpoints/``.
 
 ``--dataset synthetic``: 256 px images drawn by ``cellseg_pl.demo.make_image`` with exact outlines (pool 160,
-val 16, test 64; ``--quick`` 30/5/10), 60 % like the demo's and 10 % each of four hard cases of the lab: many
+val 20, test 60; ``--quick`` 30/10/10), 60 % like the demo's and 10 % each of four hard cases of the lab: many
 droplets as large as small cells, crowded cells, dim cells (a third of the contrast) and blurred images (out of
 focus). Pool and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names
 carry the kind (``syn_0042_dim.png``), and the run prints the share of each kind among every strategy's picks.
@@ -426,8 +426,8 @@ def measured_rates(fits: list[dict], selects: list[tuple[int, float]], tests: li
 #: like the demo's; a minority shows one of the lab's hard cases.
 SYNTHETIC_KINDS = {"plain": 0.6, "droplets": 0.1, "crowded": 0.1, "dim": 0.1, "blurred": 0.1}
 #: Images per split of the synthetic data (``--quick``: the second).
-SYNTHETIC_SIZES = {"train": 160, "val": 16, "test": 64}
-SYNTHETIC_QUICK = {"train": 30, "val": 5, "test": 10}
+SYNTHETIC_SIZES = {"train": 160, "val": 20, "test": 60}  # multiples of 10: the shares exact
+SYNTHETIC_QUICK = {"train": 30, "val": 10, "test": 10}
 SYNTHETIC_PX = 256
 _KIND = re.compile(r"syn_\d+_([a-z]+)")
 
