@@ -88,8 +88,7 @@ def _draw_droplet(rng: np.random.Generator, img: np.ndarray, cx: float, cy: floa
 
 
 def make_image(
-    rng: np.random.Generator, size: int = 256, n_cells: tuple[int, int] = (6, 18), n_droplets: tuple[int, int] = (2, 8),
-    droplet_radius: tuple[float, float] = (0.008, 0.018),
+    rng: np.random.Generator, size: int = 256, n_cells: tuple[int, int] = (6, 18), n_droplets: tuple[int, int] = (2, 8)
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Draw one synthetic image.
 
@@ -97,9 +96,7 @@ def make_image(
         rng: source of randomness (the only one used, so output is deterministic for a seed).
         size: image height and width in px.
         n_cells: inclusive range of the number of cells to place.
-        n_droplets: inclusive range of the number of droplets to place (at most the upper bound are placed).
-        droplet_radius: range of droplet radii as a fraction of ``size`` (cells: 0.03-0.065); larger droplets
-            look more like small cells.
+        n_droplets: inclusive range of the number of droplets to place.
 
     Returns:
         ``(image, polygons)``: image uint8 HxWx3 (BGR, as OpenCV writes it) and one (K, 2) float pixel polygon per
@@ -122,16 +119,14 @@ def make_image(
         _draw_cell(rng, img, poly, r)
         placed.append((cx, cy, r))
         polygons.append(poly)
-    droplets = 0
     for _ in range(int(rng.integers(n_droplets[0], n_droplets[1] + 1)) * 20):
-        r = float(rng.uniform(*droplet_radius) * size)
+        r = float(rng.uniform(0.008, 0.018) * size)
         cx, cy = rng.uniform(r + 2, size - r - 2, size=2)
         if any(math.hypot(cx - px, cy - py) < (r + pr) * 1.2 for px, py, pr in placed):
             continue
         _draw_droplet(rng, img, cx, cy, r)
         placed.append((cx, cy, r))
-        droplets += 1
-        if droplets >= n_droplets[1]:
+        if sum(1 for p in placed if p[2] < 0.02 * size) >= n_droplets[1]:
             break
     return np.clip(img, 0, 255).astype(np.uint8), polygons
 

@@ -15,9 +15,8 @@ deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or an
 is under the git-ignored ``checkpoints/``.
 
 ``--dataset synthetic``: 256 px images drawn by ``cellseg_pl.demo.make_image`` with exact outlines (pool 160,
-val 20, test 60; ``--quick`` 30/10/10), 60 % like the demo's and 10 % each of four hard cases of the lab: many
-droplets as large as small cells, crowded cells, dim cells (a third of the contrast) and blurred images (out of
-focus). Pool and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names
+val 20, test 60; ``--quick`` 30/10/10), 60 % like the demo's and 10 % each of four hard cases of the lab: cell-sized
+look-alike droplets, crowded cells, dim cells (an eighth of the contrast) and blurred images (out of focus). Pool and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names
 carry the kind (``syn_0042_dim.png``), and the run prints the share of each kind among every strategy's picks.
 
 What one seed does:
@@ -439,37 +438,65 @@ def synthetic_kind(name: str) -> str | None:
 
 
 def synthetic_image(kind: str, rng: np.random.Generator, size: int = SYNTHETIC_PX) -> tuple[np.ndarray, list]:
-    """One image of ``kind`` (see :data:`SYNTHETIC_KINDS`) drawn by ``cellseg_pl.demo.make_image``.
+    """One image of ``kind`` (see :data:`SYNTHETIC_KINDS`), from ``cellseg_pl.demo.make_image``'s demo image.
 
-    * ``plain``: the demo's image (6-18 cells, 2-8 small droplets);
-    * ``droplets``: 20-30 droplets as large as small cells (radius 2-3.5 % of the side, cells 3-6.5 %);
+    * ``plain``: the demo's image (6-18 cells, 2-8 small bright droplets);
+    * ``droplets``: plus 8-14 look-alike droplets (:func:`add_lookalikes`): cell-sized discs with a dark rim;
     * ``crowded``: 30-45 cells asked for, packed as tightly as the placement allows;
-    * ``dim``: contrast cut to a third around the image mean, plus noise (cells barely above the background);
-    * ``blurred``: out of focus (Gaussian blur, sigma 2.5 px) plus noise.
+    * ``dim``: contrast cut to an eighth around the image mean, plus noise (sigma 5): cells barely show;
+    * ``blurred``: out of focus (Gaussian blur, sigma 5 px) plus noise (sigma 4).
 
-    Returns ``(BGR uint8 image, cell polygons in px)``; the labels are exact for every kind.
+    A model trained on plain images only (20 of them, 80 epochs) scored F1 0.99 on plain test images, 0.63 on
+    ``droplets`` (precision 0.46), 0.21 on ``dim`` (recall 0.12), 1.00 on ``crowded`` and ``blurred`` (mask
+    mAP50-95 0.69 on ``blurred`` vs 0.83 on plain). Returns ``(BGR uint8 image, cell polygons in px)``; the labels
+    are exact for every kind.
     """
     import cv2
 
     from cellseg_pl.demo import make_image
 
-    if kind == "droplets":
-        image, polygons = make_image(rng, size, n_droplets=(20, 30), droplet_radius=(0.02, 0.035))
-    elif kind == "crowded":
-        image, polygons = make_image(rng, size, n_cells=(30, 45))
-    else:
-        image, polygons = make_image(rng, size)
-    if kind in ("dim", "blurred"):
-        img = image.astype(np.float32)
-        if kind == "dim":
-            img = img.mean() + (img - img.mean()) / 3
-        else:
-            img = cv2.GaussianBlur(img, (0, 0), 2.5)
-        img += rng.normal(0, 4, size=img.shape[:2] + (1,)).astype(np.float32)
-        image = np.clip(img, 0, 255).astype(np.uint8)
-    elif kind not in SYNTHETIC_KINDS:
+    if kind not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(SYNTHETIC_KINDS)}")
+    image, polygons = make_image(rng, size, n_cells=(30, 45)) if kind == "crowded" else make_image(rng, size)
+    if kind == "droplets":
+        image = add_lookalikes(rng, image, polygons, int(rng.integers(8, 15)))
+    elif kind in ("dim", "blurred"):
+        img = image.astype(np.float32)
+        img = img.mean() + (img - img.mean()) / 8 if kind == "dim" else cv2.GaussianBlur(img, (0, 0), 5)
+        img += rng.normal(0, 5 if kind == "dim" else 4, size=img.shape[:2] + (1,)).astype(np.float32)
+        image = np.clip(img, 0, 255).astype(np.uint8)
     return image, polygons
+
+
+def add_lookalikes(rng: np.random.Generator, image: np.ndarray, polygons: list, n: int) -> np.ndarray:
+    """Up to ``n`` unlabelled look-alike droplets painted beside the cells: discs of a cell's radius (3-5 % of the
+    side) with a dark rim, a slightly dark smooth inside (no texture, no nucleus) and a bright highlight."""
+    import cv2
+
+    h, w = image.shape[:2]
+    placed = [(float(p[:, 0].mean()), float(p[:, 1].mean()), float(np.ptp(p[:, 0])) / 2) for p in polygons]
+    out = image.astype(np.float32)
+    count = 0
+    for _ in range(n * 30):
+        if count >= n:
+            break
+        r = float(rng.uniform(0.03, 0.05) * min(h, w))
+        cx, cy = rng.uniform(r + 2, min(h, w) - r - 2, size=2)
+        if any(math.hypot(cx - px, cy - py) < (r + pr) * 1.1 for px, py, pr in placed):
+            continue
+        centre, radius = (int(cx), int(cy)), int(round(r))
+        disc = np.zeros((h, w), np.uint8)
+        cv2.circle(disc, centre, radius, 1, -1, lineType=cv2.LINE_AA)
+        out[disc.astype(bool)] += rng.uniform(-25, -10)
+        rim = np.zeros((h, w), np.uint8)
+        cv2.circle(rim, centre, radius, 1, 2, lineType=cv2.LINE_AA)
+        out[rim.astype(bool)] -= rng.uniform(25, 45)
+        spot = np.zeros((h, w), np.float32)
+        cv2.circle(spot, (int(cx - r / 3), int(cy - r / 3)), max(1, int(r / 4)), 1.0, -1)
+        out += (cv2.GaussianBlur(spot, (0, 0), 1.0) * rng.uniform(20, 40))[..., None]
+        placed.append((cx, cy, r))
+        count += 1
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def synthetic_kinds(count: int, rng: np.random.Generator) -> list[str]:
@@ -519,7 +546,7 @@ def build_synthetic(folder: Path, sizes: dict[str, int], seed: int = 0) -> tuple
 
 
 SYNTHETIC_NOTE = ("Labels: synthetic images drawn with exact outlines (cellseg_pl.demo.make_image), 60 % like the "
-                  "demo's and 40 % hard cases (many large droplets, crowded, dim, blurred) in the pool and the test "
+                  "demo's and 40 % hard cases (look-alike droplets, crowded, dim, blurred) in the pool and the test "
                   "split alike: a stand-in for the lab's hard images, not real cells.")
 
 
@@ -784,7 +811,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="yolov8n-seg.yaml", help="model yaml of the seed model (from scratch)")
     p.add_argument("--dataset", choices=("hela", "synthetic"), default="hela",
                    help="hela: the HeLa nuclei tiles; synthetic: a pool of demo-like images, 40 %% of them hard cases "
-                   "(many large droplets, crowded, dim, blurred; see synthetic_image)")
+                   "(look-alike droplets, crowded, dim, blurred; see synthetic_image)")
     p.add_argument("--imgsz", type=int, default=None, help="train/predict size (default 320 for hela, 256 synthetic)")
     p.add_argument("--tile", type=int, default=320, help="HeLa tile side in px at full resolution")
     p.add_argument("--overlap", type=int, default=32, help="minimum overlap of neighbouring tiles in px")
