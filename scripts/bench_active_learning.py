@@ -57,6 +57,9 @@ Time (2 CPU cores, yolov8n-seg, imgsz 320; not part of CI):
   2 seed epochs, 4 strategies, seed 0; 9 fits): measured 20.3 min wall, 643 CPU s, on a machine shared with
   other jobs (load average 5-7 on its 2 cores); on a quiet machine about 6-8 min. Its models are untrained
   (F1 0): it checks that the cycle runs end to end, not what active learning gives.
+* ``--dataset synthetic --seeds 0 1 2 --strategies random uncertainty mixed --cycles 5 --k 10 --seed-size 20
+  --epochs 8 --seed-epochs 80`` (imgsz 256; 48 fits): measured 66.6 min on a quiet machine on 2026-12-02;
+  ``--dataset synthetic --quick``: 1.3 min.
 * the full defaults (3 seeds x 4 strategies x 5 cycles of k 12 from a 24-tile seed set, 10 epochs per
   fine-tune, 40 seed epochs; 63 fits, ~39k training image-epochs): about 1.9 h on 2 cores at the rates measured
   on 2026-12-02 by ``--seeds 0 1 2 --strategies random uncertainty diverse --cycles 4 --k 12 --seed-size 24
