@@ -4,7 +4,8 @@
     python scripts/bench_active_learning.py --quick             # smoke test, a few minutes on 2 CPU cores
     python scripts/bench_active_learning.py [--seeds 0 1 2] [--cycles 5] [--k 12] [--seed-size 24] [--epochs 10]
         [--seed-epochs 40] [--strategies random uncertainty mixed diverse] [--random-share 0.25] [--near-frames 2]
-        [--seed-model W.ckpt] [--lr0 0.0005] [--cache /tmp/ta] [--out checkpoints/bench_active_learning] [--resume]
+        [--seed-model W.ckpt] [--lr0 0.0005] [--finetune-args='--model.warmup_bias_lr 0.0005'] [--cache /tmp/ta]
+        [--out checkpoints/bench_active_learning] [--resume]
     python scripts/bench_active_learning.py --dataset synthetic  # the lab's hard cases, drawn (no download)
 
 Data (``--dataset hela``, the default): the HeLa nuclei time-lapse of ``scripts/bench_real_cells.py`` (its
@@ -78,6 +79,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -640,7 +642,8 @@ def fit(a: argparse.Namespace, data: Path, start: str, epochs: int, seed: int, r
     spec = {"data": str(data), "model": start, "epochs": epochs, "imgsz": a.imgsz, "batch": a.batch,
             "nbs": a.batch, "workers": a.workers, "device": a.device, "precision": None, "seed": seed,
             "close_mosaic": a.close_mosaic, "out": str(run_out.resolve()),
-            "extra_args": ["--model.optimizer", "AdamW", "--model.lr0", str(a.lr0)] if finetune else []}
+            "extra_args": ["--model.optimizer", "AdamW", "--model.lr0", str(a.lr0), *shlex.split(a.finetune_args)]
+            if finetune else []}
     (run_out / "spec.json").write_text(json.dumps(spec))
     done = spawn([sys.executable, __file__, "--fit-spec", str(run_out / "spec.json")], run_out / "fit.log")
     result_file = run_out / "result.json"
@@ -815,6 +818,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--near-frames", type=int, default=2, help="diverse: tiles of the same window at most this many "
                    "frames apart are near-duplicates")
     p.add_argument("--lr0", type=float, default=0.0005, help="fine-tuning learning rate (AdamW; the guide's 0.0005)")
+    p.add_argument("--finetune-args", default="", help="more `cellseg_pl fit` flags for every fine-tune, as one "
+                   "string after '=', e.g. --finetune-args='--model.warmup_bias_lr 0.0005'")
     p.add_argument("--model", default="yolov8n-seg.yaml", help="model yaml of the seed model (from scratch)")
     p.add_argument("--dataset", choices=("hela", "synthetic"), default="hela",
                    help="hela: the HeLa nuclei tiles; synthetic: a pool of demo-like images, 40 %% of them hard cases "
