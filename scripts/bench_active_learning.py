@@ -642,7 +642,7 @@ def fit(a: argparse.Namespace, data: Path, start: str, epochs: int, seed: int, r
     spec = {"data": str(data), "model": start, "epochs": epochs, "imgsz": a.imgsz, "batch": a.batch,
             "nbs": a.batch, "workers": a.workers, "device": a.device, "precision": None, "seed": seed,
             "close_mosaic": a.close_mosaic, "out": str(run_out.resolve()),
-            "extra_args": ["--model.optimizer", "AdamW", "--model.lr0", str(a.lr0), *shlex.split(a.finetune_args)]
+            "extra_args": ["--model.optimizer", "AdamW", "--model.lr0", str(a.lr0), *a.finetune_args]
             if finetune else []}
     (run_out / "spec.json").write_text(json.dumps(spec))
     done = spawn([sys.executable, __file__, "--fit-spec", str(run_out / "spec.json")], run_out / "fit.log")
@@ -866,6 +866,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tile/--overlap: need tile >= 0 and overlap < tile, got {a.tile}/{a.overlap}")
     if a.seed_model and not Path(a.seed_model).is_file():
         p.error(f"--seed-model: {a.seed_model} does not exist")
+    try:  # split once, here, so a stray quote stops the run before the seed model trains
+        a.finetune_args = shlex.split(a.finetune_args)
+    except ValueError as err:
+        p.error(f"--finetune-args: {err} in {a.finetune_args!r}")
     a.strategies = list(dict.fromkeys(a.strategies))
     return a
 

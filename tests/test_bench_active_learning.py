@@ -5,6 +5,7 @@ No download and no training: the strategies get made-up uncertainty scores, the 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -287,10 +288,7 @@ def test_parse_flags(tmp_path):
             al.parse(bad)
 
 
-
 def test_fine_tunes_get_the_extra_fit_flags_and_the_seed_fit_does_not(tmp_path, monkeypatch):
-    import json
-
     monkeypatch.setattr(al, "spawn", lambda cmd, log: {"returncode": 1})  # no training: read the spec it wrote
     a = al.parse(["--dataset", "synthetic", "--finetune-args=--model.warmup_bias_lr 0.0005 --model.warmup_epochs 1"])
     for finetune, expected in ((True, ["--model.optimizer", "AdamW", "--model.lr0", "0.0005",
@@ -300,6 +298,9 @@ def test_fine_tunes_get_the_extra_fit_flags_and_the_seed_fit_does_not(tmp_path, 
         with pytest.raises(SystemExit, match="fit failed"):
             al.fit(a, tmp_path / "data.yaml", "start.ckpt", 2, 0, out, finetune=finetune)
         assert json.loads((out / "spec.json").read_text())["extra_args"] == expected
+    with pytest.raises(SystemExit):  # an unbalanced quote is refused before anything runs
+        al.parse(["--finetune-args=--model.lr0 '0.001"])
+
 
 def test_prepare_out_refuses_a_foreign_folder_and_resume_keeps_a_run(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
