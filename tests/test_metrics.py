@@ -10,6 +10,7 @@ from cellseg_pl.metrics import (
     CellMatchMetrics,
     encode_crops,
     encode_masks,
+    encode_masks_with_areas,
     mask_iou,
     mask_map_metric,
     match,
@@ -189,6 +190,46 @@ def test_fast_rle_encoding_equals_pycocotools():
         ref = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"] for m in stack]
         assert ours == ref, trial
         assert [r["counts"] for r in encode_masks(stack, [2, 0])] == [ref[2], ref[0]]
+        rles, areas = encode_masks_with_areas(stack)
+        assert [r["counts"] for r in rles] == ref and areas == stack.reshape(3, -1).sum(1).tolist(), trial
+
+
+def test_mask_map_equals_torchmetrics_stock_metric():
+    """Every figure (all, small/medium/large areas, both IoU types) equals the stock torchmetrics metric's on images
+    with cells of all three COCO sizes, overlaps, a prediction with an empty mask and an image without cells."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from cellseg_pl.metrics import MAX_DETECTIONS
+
+    rng = np.random.default_rng(1)
+    preds, targets = [], []
+    for image in range(4):
+        if image == 3:
+            empty = torch.zeros(0, 160, 160, dtype=torch.bool)
+            targets.append({"masks": empty, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+            pm = torch.stack([disk(30, 30, 4, 160)])
+            p = target_of(list(pm))
+            preds.append(as_pred(p, [0.3]))
+            continue
+        centres, radii = rng.integers(10, 150, (12, 2)), rng.choice([2, 4, 25, 60], 12)
+        gt = target_of([disk(int(x), int(y), int(r), 160) for (x, y), r in zip(centres, radii)])
+        shift = rng.integers(-3, 4, (12, 2))
+        pm = [disk(int(x + dx), int(y + dy), int(r), 160) for (x, y), (dx, dy), r in zip(centres, shift, radii)]
+        p = target_of(pm[:10])
+        p["masks"][0] = False  # a detection whose mask came out empty
+        preds.append(as_pred(p, rng.random(10).tolist()))
+        targets.append(gt)
+
+    ours = mask_map_metric()
+    stock = MeanAveragePrecision(iou_type=("bbox", "segm"), max_detection_thresholds=MAX_DETECTIONS,
+                                 backend="faster_coco_eval")
+    ours.update(preds, targets)
+    stock.update([{k: p[k] for k in ("masks", "boxes", "scores", "labels")} for p in preds], targets)
+    a, b = ours.compute(), stock.compute()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert 0 < a["segm_map"] < 1 and a["segm_map_small"] != a["segm_map_large"]
 
 
 # ---------------------------------------------------------------------------------------------- dense images
