@@ -22,6 +22,11 @@ from cellseg_pl.transforms import AUGMENTATION_KNOBS, TrainTransform, ValTransfo
 log = logging.getLogger(__name__)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _worker_init(worker_id: int) -> None:
     """Each loader worker decodes and warps on one thread: OpenCV's own thread pool in every worker would fight
     the training process and the other workers for the cores (as Ultralytics, ``cv2.setNumThreads(0)``)."""
@@ -63,9 +68,11 @@ class CellSegDataModule(L.LightningDataModule):
         dataset: path to a YOLO-seg ``dataset.yaml`` (keys ``path``, ``train``, ``val``, ``names``).
         imgsz: network input side in px (multiple of 32).
         batch_size: images per batch and per device (Ultralytics' ``batch`` is the total over devices).
-        num_workers: data-loading worker processes per device (Ultralytics' ``workers``), or ``auto``: this node's
-            CPU cores divided by its devices, less one for the training process when that leaves more than one, at
-            most 8 (2 cores: 2 workers; 16 cores and one GPU: 8).
+        num_workers: data-loading worker processes per device (Ultralytics' ``workers``), or ``auto``: on a GPU,
+            this node's CPU cores divided by its devices, less one for the training process when that leaves more
+            than one, at most 8 (2 cores: 2 workers; 16 cores and one GPU: 8); on the CPU, none up to 4 cores per
+            process (the step itself needs the cores; Ultralytics also loads in the training process on the CPU),
+            else a quarter of them, at most 8.
         mask_ratio: mask targets are computed at ``imgsz / mask_ratio``.
         overlap_mask: one instance map per image as mask target (True), or one mask per instance.
         degrees: rotation range +- deg.
@@ -181,17 +188,26 @@ class CellSegDataModule(L.LightningDataModule):
                 )
 
     def _share_cpu(self) -> None:
-        """Training on the CPU: leave a core to each loader worker (``torch`` threads = cores per process - workers,
-        at least 1). Ultralytics trains on ``cores - 1`` threads; more threads than free cores make the training
-        step several times slower, not faster, while the workers decode."""
+        """Training on the CPU: torch threads = this node's cores divided by its processes, unless the user's
+        environment set ``OMP_NUM_THREADS`` (a SLURM job's ``--cpus-per-task``, say).
+
+        The loader workers decode on one thread each and wait for the step most of the time, so no core is kept
+        back for them. Measured on 2 cores (HeLa tiles at 320 px, yolov8n-seg, batch 8, epochs 2-3): 2 threads and
+        no worker trained an epoch in 15-18 s, 2 threads beside 2 workers in 16-19 s, 1 thread beside 2 workers
+        (a core left to each worker, as this module did before) in 28-30 s. Ultralytics trains on ``cores - 1``
+        threads with no worker: 1 thread on 2 cores.
+        """
         trainer = self.trainer
         if trainer is None or not isinstance(trainer.accelerator, CPUAccelerator):
             return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // max(trainer.num_devices, 1) - self.num_workers)
-        if threads < torch.get_num_threads():
-            log.info("CPU training: %d torch thread(s) per process, %d loader worker(s)", threads, self.num_workers)
-            torch.set_num_threads(threads)
+        from cellseg_pl import USER_OMP_NUM_THREADS
+
+        if USER_OMP_NUM_THREADS:
+            threads = torch.get_num_threads()
+        else:
+            threads = max(1, _cores() // max(trainer.num_devices, 1))
+            torch.set_num_threads(threads)  # also undoes the OMP_NUM_THREADS=1 that importing Ultralytics sets
+        log.info("CPU training: %d torch thread(s) per process, %d loader worker(s)", threads, self.num_workers)
 
     def _is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -240,9 +256,10 @@ class CellSegDataModule(L.LightningDataModule):
         workers = self.hparams.num_workers
         if workers != "auto":
             return int(workers)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        devices = self.trainer.num_devices if self.trainer is not None else 1
-        share = cores // max(devices, 1)
+        trainer = self.trainer
+        share = _cores() // max(trainer.num_devices if trainer is not None else 1, 1)
+        if trainer is not None and isinstance(trainer.accelerator, CPUAccelerator):
+            return 0 if share <= 4 else min(8, share // 4)
         return min(8, share - 1 if share > 2 else share)
 
     def _loader(self, dataset: YoloSegDataset, train: bool, full_masks: bool) -> DataLoader:

@@ -192,7 +192,10 @@ TABLE: tuple[YoloArg, ...] = (
         "the CPU (as Ultralytics)",
         simple=False,
     ),
-    YoloArg("workers", "--data.num_workers", _int, "per device, as Ultralytics; unset: `auto` (cores per device)"),
+    YoloArg(
+        "workers", "--data.num_workers", _int,
+        "per device, as Ultralytics; unset: `auto` (GPU: cores per device; CPU: none up to 4 cores)",
+    ),
     YoloArg(
         "cache", "--data.cache", _cache,
         "`True`/`ram` -> `ram`, `disk` -> `disk`, `False` -> `none`; unset: `auto` (RAM when the images fit half "

@@ -830,7 +830,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="batch size; the nominal batch is the same (no accumulation: "
                    "a few dozen tiles make only a few batches per epoch)")
     p.add_argument("--close-mosaic", type=int, default=2, help="mosaic and copy_paste off for the last N epochs")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=bench_common.workers_arg, default="auto", help=bench_common.WORKERS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or a GPU index such as 0")
     for split, frames in DEFAULT_FRAMES.items():
         p.add_argument(f"--{split}-frames", default=None, help=f"HeLa frames of the {split} split (default {frames}; "

@@ -32,6 +32,25 @@ RECIPE = {"degrees": 180.0, "scale": 0.5, "flipud": 0.5, "fliplr": 0.5, "mosaic"
           "close_mosaic": 10, "translate": 0.1, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4}
 
 
+#: Ultralytics' own default ``workers`` (it loads in the training process on the CPU whatever is given).
+ULTRALYTICS_WORKERS = 8
+WORKERS_HELP = ("loader workers: 'auto' (default) gives each trainer its own default (cellseg_pl's auto; "
+                f"Ultralytics' {ULTRALYTICS_WORKERS}, which it drops to 0 on the CPU), a number gives both that number")
+
+
+def workers_arg(value: str) -> str | int:
+    """``--workers``: ``auto`` or an integer >= 0."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer >= 0, got {value!r}")
+    return number
+
+
 def recipe(a: argparse.Namespace) -> dict:
     """:data:`RECIPE`, with ``close_mosaic`` from ``a.close_mosaic`` when ``a`` has one that is not None."""
     close = getattr(a, "close_mosaic", None)
@@ -77,7 +96,8 @@ def run_ultralytics(a: argparse.Namespace, out: Path, name: str = "ultralytics")
         model.add_callback(event, mark(label))
     device = "cpu" if a.device == "cpu" else a.device
     model.train(
-        data=a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, workers=a.workers, device=device,
+        data=a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, device=device,
+        workers=ULTRALYTICS_WORKERS if a.workers == "auto" else a.workers,
         project=str(out), name=name, exist_ok=True, seed=getattr(a, "seed", 0), deterministic=True, plots=False,
         patience=a.epochs, optimizer="auto", nbs=a.nbs, amp=a.device != "cpu", verbose=False, **recipe(a),
     )

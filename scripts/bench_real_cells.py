@@ -442,7 +442,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nbs", type=int, default=64, help="nominal batch (gradient accumulation), the same for both")
     p.add_argument("--close-mosaic", type=int, default=2, help="mosaic (and copy_paste) off for the last N epochs "
                    "(default 2; the guide's 10 would switch them off for a whole run of <= 10 epochs)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=bench_common.workers_arg, default="auto", help=bench_common.WORKERS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or a GPU index such as 0")
     p.add_argument("--precision", default=None, help="cellseg_pl precision (default 32-true on CPU, 16-mixed on GPU)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; 0 with --quick)")

@@ -1,7 +1,7 @@
 """Train with Ultralytics' trainer and with cellseg_pl on the same data and recipe, then score both with one evaluator.
 
     python scripts/bench_vs_ultralytics.py [--data data/demo/dataset.yaml] [--model yolov8n-seg.yaml]
-        [--epochs 30] [--imgsz 256] [--batch 8] [--workers 2] [--device cpu] [--out checkpoints/bench]
+        [--epochs 30] [--imgsz 256] [--batch 8] [--workers auto] [--device cpu] [--out checkpoints/bench]
 
 Each trainer runs in its own subprocess, one after the other, with the same model yaml, image size, batch,
 epochs, augmentation recipe (the lab's: degrees 180, scale 0.5, flips 0.5, mosaic 1.0, copy_paste 0.3,
@@ -21,6 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import bench_common
 from bench_common import REPO, run_cellseg, run_ultralytics, score, spawn
 
 
@@ -33,7 +34,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--nbs", type=int, default=8, help="nominal batch (accumulation), the same for both")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=bench_common.workers_arg, default="auto", help=bench_common.WORKERS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or a GPU index such as 0")
     p.add_argument("--precision", default=None, help="cellseg_pl precision (default 32-true on CPU, 16-mixed on GPU)")
     p.add_argument("--out", default=str(REPO / "checkpoints" / "bench"), help="output folder (replaced)")

@@ -16,6 +16,30 @@ def test_num_workers_auto_fits_the_node(tiny_data, monkeypatch, cores, expected)
     assert CellSegDataModule(str(tiny_data), num_workers=3).num_workers == 3
 
 
+@pytest.mark.parametrize("cores, expected", [(1, 0), (2, 0), (4, 0), (8, 2), (64, 8)])
+def test_num_workers_auto_on_the_cpu_leaves_the_cores_to_the_step(tiny_data, monkeypatch, cores, expected):
+    import lightning as L
+    import torch
+
+    import cellseg_pl
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(cellseg_pl, "USER_OMP_NUM_THREADS", None)
+    dm = CellSegDataModule(str(tiny_data), num_workers="auto")
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    assert dm.num_workers == expected
+    before = torch.get_num_threads()
+    try:
+        dm._share_cpu()
+        assert torch.get_num_threads() == cores  # no core held back for the workers
+        monkeypatch.setattr(cellseg_pl, "USER_OMP_NUM_THREADS", "1")  # the user's OMP_NUM_THREADS wins
+        torch.set_num_threads(1)
+        dm._share_cpu()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_num_workers_names_the_flag(tiny_data):
     with pytest.raises(ValueError, match="--data.num_workers"):
         CellSegDataModule(str(tiny_data), num_workers=-1)
