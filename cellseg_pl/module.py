@@ -26,7 +26,9 @@ LOSS_NAMES = ("box_loss", "seg_loss", "cls_loss", "dfl_loss")
 
 
 def mask_fitness(map50: torch.Tensor, map50_95: torch.Tensor) -> torch.Tensor:
-    """Ultralytics' fitness weighting applied to mask mAP: 0.1 * mAP50 + 0.9 * mAP50-95 (the best-model rule)."""
+    """The best-model rule: 0.1 * mask mAP50 + 0.9 * mask mAP50-95 (Ultralytics 8.0-8.3's weighting, on masks
+    alone). Ultralytics 8.4 picks by box mAP50-95 + mask mAP50-95; for cells the masks are the product, so box
+    mAP does not vote here."""
     return 0.1 * map50 + 0.9 * map50_95
 
 

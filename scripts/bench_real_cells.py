@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -448,11 +449,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; 0 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 epochs, seed 0, HeLa frames 0-2/13/16")
     p.add_argument("--out", default=str(REPO / "checkpoints" / "bench_real"), help="output folder")
+    p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
+                   help="trainers to run (default both; one alone to try a cellseg_pl knob without re-training "
+                   "the other: both are deterministic on the CPU)")
+    p.add_argument("--cellseg-args", default="", help="more `cellseg_pl fit` flags for cellseg_pl's runs, as one "
+                   "string after '=', e.g. --cellseg-args='--data.mask_ratio 2'")
     p.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)  # worker process
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--dataset-yaml", help=argparse.SUPPRESS)
     p.add_argument("--run-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    try:  # split once, here: a stray quote stops the benchmark before anything trains
+        a.cellseg_args = shlex.split(a.cellseg_args)
+    except ValueError as err:
+        p.error(f"--cellseg-args: {err} in {a.cellseg_args!r}")
     a.epochs = a.epochs or (3 if a.quick else 12)
     a.seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     resolve_frames(a, p)
@@ -480,7 +490,11 @@ def worker(a: argparse.Namespace) -> int:
                                nbs=a.nbs, workers=a.workers, device=a.device, precision=a.precision, seed=a.seeds[0],
                                close_mosaic=a.close_mosaic)
     # absolute: Ultralytics puts a relative project under runs/segment/
-    result = (run_ultralytics if a.only == "ultralytics" else run_cellseg)(knobs, Path(a.run_out).resolve())
+    run_out = Path(a.run_out).resolve()
+    if a.only == "ultralytics":
+        result = run_ultralytics(knobs, run_out)
+    else:
+        result = run_cellseg(knobs, run_out, extra_args=tuple(a.cellseg_args))
     Path(a.result).write_text(json.dumps(result))
     return 0
 
@@ -490,7 +504,8 @@ def worker_cmd(a: argparse.Namespace, name: str, seed: int, data: Path, run_out:
            "--run-out", str(run_out), "--seeds", str(seed), "--model", a.model, "--epochs", str(a.epochs),
            "--imgsz", str(a.imgsz), "--batch", str(a.batch), "--nbs", str(a.nbs), "--workers", str(a.workers),
            "--device", a.device, "--close-mosaic", str(a.close_mosaic)]
-    return cmd + (["--precision", a.precision] if a.precision else [])
+    cmd += ["--precision", a.precision] if a.precision else []
+    return cmd + ([f"--cellseg-args={shlex.join(a.cellseg_args)}"] if name == "cellseg_pl" and a.cellseg_args else [])
 
 
 def write_outputs(out: Path, a: argparse.Namespace, describe: dict, runs: dict, rows: list[dict]) -> None:
@@ -518,13 +533,16 @@ def main(argv: list[str] | None = None) -> int:
     data, describe = (build_user if a.data else build_hela)(a, out / "data")
     print(f"model={a.model} epochs={a.epochs} close_mosaic={a.close_mosaic} imgsz={a.imgsz} batch={a.batch} "
           f"nbs={a.nbs} workers={a.workers} "
-          f"device={a.device} seeds={a.seeds}; logs in {out / 'runs'}", flush=True)
+          f"device={a.device} seeds={a.seeds} trainers={' '.join(a.trainers)}"
+          + (f" cellseg_pl extra flags: {shlex.join(a.cellseg_args)}" if a.cellseg_args else "")
+          + f"; logs in {out / 'runs'}", flush=True)
     runs: dict[str, dict] = {}
     rows: list[dict] = []
     for i, seed in enumerate(a.seeds):
         run_out = out / "runs" / f"seed{seed}"
         run_out.mkdir(parents=True, exist_ok=True)
-        for name in TRAINERS if i % 2 == 0 else TRAINERS[::-1]:  # alternate who goes first: drifting load
+        trainers = [t for t in TRAINERS if t in a.trainers]
+        for name in trainers if i % 2 == 0 else trainers[::-1]:  # alternate who goes first: drifting load
             result_file = run_out / f"{name}.json"
             done = spawn(worker_cmd(a, name, seed, data, run_out, result_file), run_out / f"{name}.log")
             busy = f" (machine busy: load {done['load_before']:.1f})" if done["load_before"] > BUSY_LOAD else ""
@@ -538,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{epoch_s(run):.1f} s/epoch "
                   f"(train {statistics.median(run['train_s']):.1f} + val {statistics.median(run['val_s']):.1f}), "
                   f"load {done['load_before']:.1f} -> {done['load_after']:.1f}{busy}", flush=True)
-        for name in TRAINERS:
+        for name in trainers:
             run = runs[f"{name}/{seed}"]
             for which, weights in (("best", run["best"]), ("last", run["weights"])):
                 if not Path(weights).is_file():

@@ -111,6 +111,20 @@ def test_parse_flags():
         bench.parse(["--test-data", "x.zip"])
 
 
+def test_cellseg_args_reach_our_runs_only(tmp_path, monkeypatch):
+    a = bench.parse(["--cellseg-args=--data.mask_ratio 2 --model.lr0 '0.005'", "--trainers", "cellseg_pl"])
+    assert a.cellseg_args == ["--data.mask_ratio", "2", "--model.lr0", "0.005"] and a.trainers == ["cellseg_pl"]
+    ours = bench.worker_cmd(a, "cellseg_pl", 0, tmp_path / "d.yaml", tmp_path, tmp_path / "r.json")
+    theirs = bench.worker_cmd(a, "ultralytics", 0, tmp_path / "d.yaml", tmp_path, tmp_path / "r.json")
+    assert not any(arg.startswith("--cellseg-args") for arg in theirs)
+    seen = []
+    monkeypatch.setattr(bench, "run_cellseg", lambda knobs, out, extra_args=(): seen.append(extra_args) or {})
+    assert bench.worker(bench.parse(ours[2:])) == 0  # the worker process splits the same flags back
+    assert seen == [("--data.mask_ratio", "2", "--model.lr0", "0.005")]
+    with pytest.raises(SystemExit):  # an unbalanced quote is refused before anything runs
+        bench.parse(["--cellseg-args=--model.lr0 '0.001"])
+
+
 def test_prepare_out_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(SystemExit, match="--out"):
