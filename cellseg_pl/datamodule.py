@@ -202,12 +202,18 @@ class CellSegDataModule(L.LightningDataModule):
             return
         from cellseg_pl import USER_OMP_NUM_THREADS
 
+        share = max(1, _cores() // max(trainer.num_devices, 1))
         if USER_OMP_NUM_THREADS:
             threads = torch.get_num_threads()
         else:
-            threads = max(1, _cores() // max(trainer.num_devices, 1))
+            threads = share
             torch.set_num_threads(threads)  # also undoes the OMP_NUM_THREADS=1 that importing Ultralytics sets
         log.info("CPU training: %d torch thread(s) per process, %d loader worker(s)", threads, self.num_workers)
+        if threads < share:
+            log.info(
+                "OMP_NUM_THREADS=%s: the step uses %d of this process' %d cores (unset it to use them all; a "
+                "parent process that imported Ultralytics sets it to 1)", USER_OMP_NUM_THREADS, threads, share,
+            )
 
     def _is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero

@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "1")
+#: the caller's OMP_NUM_THREADS, read before anything here imports Ultralytics (which sets it to 1 when unset):
+#: every worker process gets this one, so a run does not depend on whether the parent scored a model before it
+_CALLER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
 
 #: The lab guide's augmentation recipe, given to both trainers.
 RECIPE = {"degrees": 180.0, "scale": 0.5, "flipud": 0.5, "fliplr": 0.5, "mosaic": 1.0, "copy_paste": 0.3,
@@ -168,6 +171,15 @@ def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extr
             "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.ckpt"), "best": str(weights / "best.ckpt")}
 
 
+def worker_env() -> dict[str, str]:
+    """This process' environment with the caller's ``OMP_NUM_THREADS`` (absent when the caller had none)."""
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if _CALLER_OMP_NUM_THREADS is not None:
+        env["OMP_NUM_THREADS"] = _CALLER_OMP_NUM_THREADS
+    return env
+
+
 def spawn(cmd: list[str], log_file: Path) -> dict:
     """Run ``cmd`` (a worker process) from the repository root, its output streamed into ``log_file``.
 
@@ -179,8 +191,9 @@ def spawn(cmd: list[str], log_file: Path) -> dict:
     load_before = os.getloadavg()[0]
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    env = worker_env()
     with open(log_file, "w") as log:
-        code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True).returncode
+        code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env).returncode
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime

@@ -135,3 +135,13 @@ def test_prepare_out_refuses_a_foreign_folder(tmp_path):
     (fresh / "data").mkdir()
     bench.prepare_out(fresh)  # its own earlier output is replaced
     assert not (fresh / "data").exists()
+
+
+def test_workers_get_the_callers_omp_num_threads_not_ultralytics(monkeypatch):
+    import bench_common
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what importing Ultralytics (to score a model) leaves behind
+    monkeypatch.setattr(bench_common, "_CALLER_OMP_NUM_THREADS", None)
+    assert "OMP_NUM_THREADS" not in bench_common.worker_env()
+    monkeypatch.setattr(bench_common, "_CALLER_OMP_NUM_THREADS", "3")  # the caller's own choice is kept
+    assert bench_common.worker_env()["OMP_NUM_THREADS"] == "3"
