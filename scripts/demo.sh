@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 1: install, write the demo data, train yolov8n-seg on it (CPU, about 10 minutes on 2 cores).
+# README command 1: install, write the demo data, train yolov8n-seg on it (CPU, about 6 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
