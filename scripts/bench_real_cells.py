@@ -538,10 +538,10 @@ def main(argv: list[str] | None = None) -> int:
           + f"; logs in {out / 'runs'}", flush=True)
     runs: dict[str, dict] = {}
     rows: list[dict] = []
+    trainers = [t for t in TRAINERS if t in a.trainers]
     for i, seed in enumerate(a.seeds):
         run_out = out / "runs" / f"seed{seed}"
         run_out.mkdir(parents=True, exist_ok=True)
-        trainers = [t for t in TRAINERS if t in a.trainers]
         for name in trainers if i % 2 == 0 else trainers[::-1]:  # alternate who goes first: drifting load
             result_file = run_out / f"{name}.json"
             done = spawn(worker_cmd(a, name, seed, data, run_out, result_file), run_out / f"{name}.log")
