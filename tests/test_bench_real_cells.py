@@ -111,6 +111,67 @@ def test_parse_flags():
         bench.parse(["--test-data", "x.zip"])
 
 
+def test_small_preset_is_the_labs_regime_and_flags_win():
+    a = bench.parse(["--preset", "small"])
+    assert (a.tile, a.imgsz, a.batch, a.epochs, a.close_mosaic, a.patience) == (256, 256, 4, 150, 10, 20)
+    assert (a.train_tiles, a.val_tiles, a.seeds) == (20, 8, [0, 1, 2, 3, 4])
+    a = bench.parse(["--preset", "small", "--epochs", "40", "--seeds", "7"])
+    assert (a.epochs, a.seeds, a.patience) == (40, [7], 20)
+    assert bench.parse([]).patience is None  # the standard run never stops early
+    cmd = bench.worker_cmd(bench.parse(["--preset", "small"]), "cellseg_pl", 3, Path("d.yaml"), Path("o"), Path("r"))
+    assert cmd[cmd.index("--patience") + 1] == "20" and cmd[cmd.index("--seeds") + 1] == "3"
+    assert bench.parse(bench.worker_cmd(bench.parse(["--preset", "small"]), "ultralytics", 0, Path("d.yaml"),
+                                        Path("o"), Path("r"))[2:]).patience == 20
+
+
+def test_subsample_draws_a_fixed_share_of_each_split():
+    tiles = [bench.Tile(f"t{f:03d}_y0000_x{k:04d}.png", f, None, None) for f in range(5) for k in range(6)]
+    frames = {"train": [0, 1, 2], "val": [3], "test": [4]}
+    kept = bench.subsample(tiles, frames, {"train": 5, "val": 2}, seed=0)
+    assert [sum(t.frame in fs for t in kept) for fs in frames.values()] == [5, 2, 6]  # test: all
+    assert kept == sorted(kept, key=tiles.index)  # in their order
+    assert kept == bench.subsample(tiles, frames, {"train": 5, "val": 2}, seed=0)  # the same for every run
+    assert kept != bench.subsample(tiles, frames, {"train": 5, "val": 2}, seed=1)
+    assert bench.subsample(tiles, frames, {"train": 0, "val": 99}, seed=0) == tiles
+
+
+def test_score_bands_count_true_and_false_positives_by_score(tmp_path):
+    import bench_common
+    import cv2
+    import torch
+
+    from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric
+
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.zeros((40, 40, 3), np.uint8))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.4 0.1 0.4 0.4 0.1 0.4\n0 0.6 0.6 0.9 0.6 0.9 0.9 0.6 0.9\n")
+    truth, _ = bench_common.true_instances(image, 40, 40, 1)
+
+    class Found:  # what cellseg_pl.predict.Instance offers the evaluator
+        def __init__(self, mask, score):
+            self.mask, self.score, self.label = mask, score, 0
+            ys, xs = np.nonzero(mask)
+            self.area, self.box = int(mask.sum()), [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+        def full_mask(self, h, w):
+            return self.mask
+
+    stray = np.zeros((40, 40), bool)
+    stray[18:22, 2:6] = True  # matches nothing
+    found = [Found(truth[0].numpy(), 0.9), Found(truth[1].numpy(), 0.3), Found(stray, 0.5), Found(stray, 0.1)]
+    edges = [0.25, 0.4, 0.6, 0.8]
+    bands = {f"{lo:.2f}-{hi:.2f}": {"TP": 0, "FP": 0} for lo, hi in zip(edges, [*edges[1:], 1.0])}
+    cells = {0.25: CellMatchMetrics(conf=0.25)}
+    bench_common._score_image(image, np.zeros((40, 40, 3)), found, 1, mask_map_metric(), cells, (0.25, edges, bands))
+    assert bands == {"0.25-0.40": {"TP": 1, "FP": 0}, "0.40-0.60": {"TP": 0, "FP": 1},
+                     "0.60-0.80": {"TP": 0, "FP": 0}, "0.80-1.00": {"TP": 1, "FP": 0}}  # (0.1 is below conf)
+    assert {k: float(v) for k, v in cells[0.25].compute().items() if k in ("tp", "fp", "fn")} == \
+        {"tp": 2.0, "fp": 1.0, "fn": 0.0}
+    assert torch.is_tensor(truth)
+
+
 def test_cellseg_args_reach_our_runs_only(tmp_path, monkeypatch):
     a = bench.parse(["--cellseg-args=--data.mask_ratio 2 --model.lr0 '0.005'", "--trainers", "cellseg_pl"])
     assert a.cellseg_args == ["--data.mask_ratio", "2", "--model.lr0", "0.005"] and a.trainers == ["cellseg_pl"]

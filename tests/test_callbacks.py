@@ -18,6 +18,7 @@ from cellseg_pl.callbacks import (
     RESULTS_COLUMNS,
     CloseMosaic,
     ConsoleReport,
+    FitnessEarlyStopping,
     ResultsCSV,
     RunCheckpoint,
     UltralyticsWeights,
@@ -137,6 +138,24 @@ def test_close_mosaic_tells_the_datamodule_the_epoch():
     CloseMosaic().on_train_epoch_start(fake_trainer(5, max_epochs=None, datamodule=datamodule), None)
     CloseMosaic().on_train_epoch_start(fake_trainer(5, datamodule=None), None)  # no data module: nothing to do
     assert calls == [(4, 10), (5, -1)]
+
+
+def test_early_stopping_waits_while_nothing_is_found_yet_as_ultralytics():
+    from ultralytics.utils.torch_utils import EarlyStopping as UltralyticsEarlyStopping
+
+    # a run from scratch: fitness 0 for 25 epochs, then it learns, then it plateaus
+    fitness = [0.0] * 25 + [0.1, 0.3, 0.5, 0.5] + [0.4] * 30
+    ours = FitnessEarlyStopping(monitor="fitness", mode="max", patience=20)
+    theirs = UltralyticsEarlyStopping(patience=20)
+    stops = []
+    for epoch, f in enumerate(fitness, start=1):
+        ours_stop, _ = ours._evaluate_stopping_criteria(torch.tensor(f))
+        stops.append((ours_stop, theirs(epoch, f)))
+    assert [s for s, _ in stops] == [t for _, t in stops]  # the same epochs, epoch by epoch
+    assert [s for s, _ in stops].index(True) + 1 == 48  # 20 epochs after the best (epoch 28), not at epoch 21
+    assert float(ours.best_score) == 0.5
+    plain = FitnessEarlyStopping(monitor="fitness", mode="min", patience=2)  # other modes: Lightning's own rule
+    assert [plain._evaluate_stopping_criteria(torch.tensor(v))[0] for v in (0.0, 0.0, 0.0)] == [False, False, True]
 
 
 def test_console_report_lines_best_epoch_and_summary(tmp_path, caplog):
