@@ -117,11 +117,12 @@ def run_ultralytics(a: argparse.Namespace, out: Path, name: str = "ultralytics")
             "epochs_run": len(times["train"]), "best_epoch": model.trainer.stopper.best_epoch}  # (1-based there)
 
 
-def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extra_args: tuple[str, ...] = ()) -> dict:
+def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extra_args: tuple[str, ...] = (),
+                callbacks: tuple = ()) -> dict:
     """Train with cellseg_pl's CLI (``configs/demo.yaml`` overridden by the same knobs) into ``out/name``.
 
     ``extra_args``: further CLI arguments, given last so they win (e.g. ``("--model.optimizer", "AdamW",
-    "--model.lr0", "0.0005")`` to fine-tune as the README advises).
+    "--model.lr0", "0.0005")`` to fine-tune as the README advises). ``callbacks``: more Lightning callbacks.
     """
     import lightning as L
 
@@ -172,7 +173,7 @@ def run_cellseg(a: argparse.Namespace, out: Path, name: str = "cellseg_pl", extr
         args += [f"--data.{key}", str(value)]
     args += list(extra_args)
     cli = CellSegCLI(args=args, run=False)
-    cli.trainer.callbacks.append(Timer())
+    cli.trainer.callbacks.extend([Timer(), *callbacks])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     weights = Path(cli.run_dir) / "weights"
     import torch

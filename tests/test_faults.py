@@ -50,8 +50,10 @@ def last_row(path: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
     (tmp_path / "killer.py").write_text(KILLER)
+    # nbs 12: a step every 3 batches of 2 per epoch, so the kill falls inside an accumulation (resumed from the
+    # gradients the checkpoint holds)
     common = ["--trainer.deterministic", "true", "--seed_everything", "7", "--data.mosaic", "1.0",
-              "--data.close_mosaic", "1", "--model.nbs", "4"]
+              "--data.close_mosaic", "1", "--model.nbs", "12"]
     full = run_cli(fit_args(tiny_data, tmp_path, "full", 3, *common), tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -60,6 +62,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
     assert killed.returncode == -9  # really killed, no graceful shutdown
     ckpt = torch.load(tmp_path / "killed" / "weights" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1  # the last complete epoch survived the kill, loadable
+    assert ckpt["cellseg_pending_grads"]  # the batches accumulated since the last optimizer step
     assert not list((tmp_path / "killed" / "weights").glob(".partial-*"))
 
     resumed = run_cli(fit_args(tiny_data, tmp_path, "killed", 3, *common, "--ckpt_path", "last"), tmp_path)
