@@ -31,7 +31,7 @@ def encode_masks(
     """COCO RLEs (compressed, as ``pycocotools.mask.encode`` gives them) of a (n, H, W) bool mask stack.
 
     ``indices`` encodes only those masks (without copying the stack). ``boxes`` ((n, 4) xyxy px), when every mask
-    is known to lie inside its box (the predictions of :func:`cellseg_pl.postprocess.postprocess` are cropped to
+    is known to lie inside its box (the predictions of :func:`cellseg_pl.yolo.postprocess.postprocess` are cropped to
     theirs), limits the scan to the box.
 
     Only the columns an object occupies are scanned (the runs before and after are all background), which makes
@@ -69,7 +69,7 @@ def encode_masks_with_areas(
 
 def encode_crops(crops: list[tuple[np.ndarray, int, int]], height: int, width: int) -> list[dict]:
     """COCO RLEs of masks given as crops: ``(mask, x0, y0)``, a ``(h, w)`` bool array whose top-left pixel is pixel
-    ``(x0, y0)`` of a ``(height, width)`` image (what :class:`cellseg_pl.inference.Instance` holds). Parts outside
+    ``(x0, y0)`` of a ``(height, width)`` image (what :class:`cellseg_pl.infer.engine.Instance` holds). Parts outside
     the image are dropped. The same RLEs as :func:`encode_masks` of the masks pasted into full images."""
     return [_encode_crop(np.asarray(mask, bool), x0, y0, height, width)[0] for mask, x0, y0 in crops]
 
@@ -123,7 +123,7 @@ class MaskMeanAP(MeanAveragePrecision):
     Written against torchmetrics 1.9 (pinned): it fills the same states the stock ``update`` does.
 
     Args:
-        pred_masks_in_boxes: every predicted mask lies inside its box (true of :func:`cellseg_pl.postprocess.
+        pred_masks_in_boxes: every predicted mask lies inside its box (true of :func:`cellseg_pl.yolo.postprocess.
             postprocess`'s): only the box is scanned when encoding it. False: the whole mask is.
         **kwargs: ``MeanAveragePrecision``'s.
     """
@@ -214,13 +214,6 @@ def rle_iou(a: list[dict], b: list[dict]) -> np.ndarray:
     if not a or not b:
         return np.zeros((len(a), len(b)))
     return np.asarray(mask_utils.iou(a, b, [0] * len(b)), np.float64).reshape(len(a), len(b))
-
-
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU matrix (n, m) between boolean mask stacks a (n, H, W) and b (m, H, W) (computed on RLEs: fast)."""
-    if not len(a) or not len(b):
-        return torch.zeros(len(a), len(b), device=a.device)
-    return torch.as_tensor(rle_iou(encode_masks(a), encode_masks(b)).astype(np.float32), device=a.device)
 
 
 def matched_pairs(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks: torch.Tensor,
@@ -350,3 +343,61 @@ def targets_from_batch(batch: dict) -> list[dict[str, torch.Tensor]]:
         targets.append({"masks": masks, "boxes": boxes, "labels": batch["cls"][sel].view(-1).long()})
     return targets
 
+
+def mask_fitness(map50: torch.Tensor, map50_95: torch.Tensor) -> torch.Tensor:
+    """The best-model rule: 0.1 * mask mAP50 + 0.9 * mask mAP50-95 (Ultralytics 8.0-8.3's weighting, on masks
+    alone). Ultralytics 8.4 picks by box mAP50-95 + mask mAP50-95; for cells the masks are the product, so box
+    mAP does not vote here."""
+    return 0.1 * map50 + 0.9 * map50_95
+
+
+class ValidationMetrics(torch.nn.Module):
+    """The metrics of one validation (or test) pass: COCO mask and box mAP, and the cell matching at ``pr_conf``.
+
+    :meth:`update` takes each batch's predictions (network-input px); :meth:`compute` returns the epoch's values
+    under the names ``results.csv`` uses (Ultralytics' ``metrics/...``, and ``fitness``, the best-model rule) and
+    starts the next pass.
+
+    Args:
+        pr_conf: the confidence at which precision, recall, F1 and the counts are taken.
+        min_area: a false positive smaller than this (px of the original image) counts as droplet-sized.
+    """
+
+    def __init__(self, pr_conf: float, min_area: float) -> None:
+        super().__init__()
+        self.mean_ap = mask_map_metric(pred_masks_in_boxes=True)  # postprocess crops every mask to its box
+        self.cells = CellMatchMetrics(conf=pr_conf, min_area=min_area)
+
+    def update(self, preds: list[dict[str, torch.Tensor]], batch: dict) -> list[dict[str, torch.Tensor]]:
+        """Add one batch; returns its targets (network-input px)."""
+        targets = targets_from_batch(batch)
+        self.mean_ap.update(
+            [{k: p[k] for k in ("boxes", "scores", "labels", "masks")} for p in preds],
+            [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets],
+        )
+        # masks are at network-input scale: droplet areas (original px) scale by the letterbox gain squared
+        self.cells.update(preds, targets, [gain**2 for gain, _ in batch["ratio_pad"]])
+        return targets
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        m = self.mean_ap.compute()
+        c = self.cells.compute()
+        self.mean_ap.reset()
+        self.cells.reset()
+        values = {
+            "metrics/precision(M)": c["precision"],
+            "metrics/recall(M)": c["recall"],
+            "metrics/mAP50(M)": m["segm_map_50"],
+            "metrics/mAP50-95(M)": m["segm_map"],
+            "metrics/mAP50(B)": m["bbox_map_50"],
+            "metrics/mAP50-95(B)": m["bbox_map"],
+            "metrics/F1(M)": c["f1"],
+            "metrics/AP_cell(M)": c["ap_cell"],
+            "metrics/mean_matched_IoU(M)": c["mean_matched_iou"],
+            "metrics/count_MAE": c["count_mae"],
+            "metrics/count_MRE": c["count_mre"],
+            "metrics/FP_droplet_sized": c["fp_droplet_sized"],
+        }
+        values = {k: v.float().clamp(min=0) for k, v in values.items()}
+        values["fitness"] = mask_fitness(values["metrics/mAP50(M)"], values["metrics/mAP50-95(M)"])
+        return values

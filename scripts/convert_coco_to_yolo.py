@@ -6,7 +6,7 @@ Usage:
         [--images-dir images/subset_200] --output-dir training_data/subset_200 \
         [--val-fraction 0.2] [--seed 0] [--overwrite]
 
-Runs ``python -m cellseg_pl convert`` (:func:`cellseg_pl.convert.convert_coco_zip`; ``--help`` lists every flag).
+Runs ``python -m cellseg_pl convert`` (:func:`cellseg_pl.cvat.convert.convert_coco_zip`; ``--help`` lists every flag).
 """
 
 import os

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check (run when a GPU machine is available; about 10 minutes on one H100/H200):
-# 1. the train loaders alone and beside a training step on the GPU (scripts/bench_loader.py --step cuda): images/s,
+# 1. the train loaders alone and beside a training step on the GPU (benchmarks/loader.py --step cuda): images/s,
 #    cells per sample and the share of step time spent waiting for data, ours vs Ultralytics';
 # 2. trains yolov8s-seg at imgsz 640 with bf16-mixed for ~200 steps with cellseg_pl and with `yolo segment train`
 #    on the same synthetic data, and prints images/s, peak GPU memory, GPU utilisation (is the loader keeping the
@@ -17,18 +17,18 @@ source .venv/bin/activate
 export YOLO_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python - <<PY
-from cellseg_pl.demo import make_demo_dataset
+from cellseg_pl.data.demo import make_demo_dataset
 make_demo_dataset("data/demo640", n_train=${N_TRAIN}, n_val=48, size=640, seed=1)
 PY
 mkdir -p "$OUT"
 WORKERS=$(( $(nproc) > 9 ? 8 : $(nproc) - 1 ))
-python scripts/bench_loader.py --data data/demo640/dataset.yaml --imgsz 640 --batch 16 --workers 0 "$WORKERS" \
+python -m benchmarks.loader --data data/demo640/dataset.yaml --imgsz 640 --batch 16 --workers 0 "$WORKERS" \
     --rounds 3 --batches 8 --step cuda | tee "$OUT/loader.txt"
 # sample GPU utilisation every 0.5 s while the benchmark runs
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/gpu_util.csv" &
 SMI=$!
 trap 'kill $SMI 2>/dev/null || true' EXIT
-python scripts/bench_vs_ultralytics.py --data data/demo640/dataset.yaml --model yolov8s-seg.yaml \
+python -m benchmarks.vs_ultralytics --data data/demo640/dataset.yaml --model yolov8s-seg.yaml \
     --epochs "$EPOCHS" --imgsz 640 --batch 16 --nbs 64 --workers "$WORKERS" --device 0 --precision bf16-mixed \
     --out "$OUT/bench" | tee "$OUT/bench.txt"
 kill $SMI 2>/dev/null || true

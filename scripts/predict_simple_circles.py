@@ -5,7 +5,7 @@ Usage:
     python scripts/predict_simple_circles.py --model best.ckpt|best.pt --images DIR --output predictions.json \
         [--device cpu|0] [--conf 0.25] [--min-area 500] [--save-overlays DIR] [--tile auto|on|off] ...
 
-Runs ``python -m cellseg_pl predict`` (:func:`cellseg_pl.predict.predict_folder`; ``--help`` lists every flag).
+Runs ``python -m cellseg_pl predict`` (:func:`cellseg_pl.infer.predict.predict_folder`; ``--help`` lists every flag).
 """
 
 import os

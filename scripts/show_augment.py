@@ -26,17 +26,17 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 try:
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 
 #: BGR outline colour per class index (cycled).
 COLOURS = ((80, 220, 60), (40, 40, 240), (240, 160, 30), (220, 60, 220), (30, 220, 240))
 
 
 def draw_sample(sample: dict, scale: int) -> np.ndarray:
-    """One augmented sample (the batch schema of :mod:`cellseg_pl.dataset`) -> BGR picture with outlines."""
+    """One augmented sample (the batch schema of :mod:`cellseg_pl.data.dataset`) -> BGR picture with outlines."""
     rgb = sample["img"].numpy().transpose(1, 2, 0)
     instances = sample["instances"].numpy()
     classes = sample["cls"].numpy().astype(int)

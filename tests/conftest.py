@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -42,7 +43,7 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A 12-image demo-style data set at 128 px (8 train, 4 val); returns its dataset.yaml."""
-    from cellseg_pl.demo import make_demo_dataset
+    from cellseg_pl.data.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("tiny") / "data"
     return make_demo_dataset(root, n_train=8, n_val=4, size=128, seed=1)
@@ -112,8 +113,8 @@ def calibrate_batchnorm(ckpt_path: Path, images: list[Path]) -> None:
     """
     import torch
 
-    from cellseg_pl.dataset import read_image
-    from cellseg_pl.model import load_weights
+    from cellseg_pl.data.images import read_image
+    from cellseg_pl.yolo.network import load_weights
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     net, _, _ = load_weights(ckpt_path)
@@ -128,3 +129,11 @@ def calibrate_batchnorm(ckpt_path: Path, images: list[Path]) -> None:
     for k, v in net.state_dict().items():
         checkpoint["state_dict"][f"ema.module.{k}"] = v
     torch.save(checkpoint, ckpt_path)
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """A ``(H, W)`` mask as compressed COCO RLE with a JSON-ready ``str`` ``counts`` (what other tools export)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}

@@ -100,7 +100,7 @@ def random_pt(tmp_path_factory) -> Path:
     """A randomly initialised yolov8n-seg as an Ultralytics ``.pt`` (a valid model that finds nothing in particular)."""
     import torch
 
-    from cellseg_pl.model import build_network, save_ultralytics_checkpoint
+    from cellseg_pl.yolo.network import build_network, save_ultralytics_checkpoint
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("random_pt") / "random.pt"

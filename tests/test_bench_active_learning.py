@@ -1,4 +1,4 @@
-"""scripts/bench_active_learning.py: selection, cost accounting and labels-to-reach on tiny synthetic data.
+"""benchmarks/active_learning.py: selection, cost accounting and labels-to-reach on tiny synthetic data.
 
 No download and no training: the strategies get made-up uncertainty scores, the costs made-up errors.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import cv2
@@ -16,13 +15,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-import bench_active_learning as al  # noqa: E402
-import bench_common  # noqa: E402
+from benchmarks import active_learning as al
+from cellseg_pl.data import demo
 
-from cellseg_pl.dataset import load_dataset_yaml  # noqa: E402
-from cellseg_pl.predict import Instance  # noqa: E402
+from cellseg_pl.data.dataset import load_dataset_yaml  # noqa: E402
+from cellseg_pl.infer.predict import Instance  # noqa: E402
 
 
 def names(frames: int = 6, windows: int = 3) -> list[str]:
@@ -196,17 +194,6 @@ def test_estimate_and_measured_rates():
     assert set(al.FULL) == set(one)
 
 
-def test_true_instances_reads_a_label_file(tmp_path):
-    image = tmp_path / "images" / "a.png"
-    image.parent.mkdir()
-    cv2.imwrite(str(image), np.zeros((40, 40, 3), np.uint8))
-    (tmp_path / "labels").mkdir()
-    (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.4 0.1 0.4 0.4 0.1 0.4\n0 0.6 0.6 0.9 0.6 0.9 0.9\n")
-    masks, labels = bench_common.true_instances(image, 40, 40, 1)
-    assert masks.shape == (2, 40, 40) and masks.dtype == torch.bool and labels.tolist() == [0, 0]
-    assert 100 <= int(masks[0].sum()) <= 200
-
-
 def test_pool_counts_cells_and_writes_the_labelled_split(tmp_path):
     root = tmp_path / "dataset"
     for split, frame in (("train", 0), ("train", 1), ("val", 2), ("test", 3)):
@@ -235,21 +222,21 @@ def test_synthetic_pool_has_the_kinds_in_their_shares_and_exact_labels(tmp_path)
     data, describe = al.build_synthetic(tmp_path / "a", sizes)
     pool = al.Pool(data)
     assert pool.sizes == sizes
-    kinds = [al.synthetic_kind(n) for n in pool.paths]
-    assert {k: kinds.count(k) for k in al.SYNTHETIC_KINDS} == {"plain": 6, "droplets": 1, "crowded": 1, "dim": 1,
+    kinds = [demo.synthetic_kind(n) for n in pool.paths]
+    assert {k: kinds.count(k) for k in demo.SYNTHETIC_KINDS} == {"plain": 6, "droplets": 1, "crowded": 1, "dim": 1,
                                                                "blurred": 1} == describe["kinds"]["train"]
     assert describe["cells"]["train"] == sum(pool.cells.values()) > 0
-    crowded = next(n for n in pool.paths if al.synthetic_kind(n) == "crowded")
-    plain = [pool.cells[n] for n in pool.paths if al.synthetic_kind(n) == "plain"]
+    crowded = next(n for n in pool.paths if demo.synthetic_kind(n) == "crowded")
+    plain = [pool.cells[n] for n in pool.paths if demo.synthetic_kind(n) == "plain"]
     assert pool.cells[crowded] > max(plain)  # 30-45 cells asked for vs the demo's 6-18
     # a dim image: the same cells and labels as the plain image of that rng, at an eighth of the contrast
     rng = lambda: np.random.default_rng([0, 7])  # noqa: E731
-    dim, dim_polys = al.synthetic_image("dim", rng())
-    plain_img, plain_polys = al.synthetic_image("plain", rng())
+    dim, dim_polys = demo.synthetic_image("dim", rng())
+    plain_img, plain_polys = demo.synthetic_image("plain", rng())
     assert all(np.array_equal(a, b) for a, b in zip(dim_polys, plain_polys)) and len(dim_polys) == len(plain_polys)
     assert dim.astype(float).std() < plain_img.astype(float).std() / 3
     # look-alike droplets: painted beside the same cells, unlabelled
-    drops, drop_polys = al.synthetic_image("droplets", rng())
+    drops, drop_polys = demo.synthetic_image("droplets", rng())
     assert len(drop_polys) == len(plain_polys) and not np.array_equal(drops, plain_img)
     # deterministic: a second build writes the same images and labels
     again, _ = al.build_synthetic(tmp_path / "b", sizes)
@@ -260,7 +247,7 @@ def test_synthetic_pool_has_the_kinds_in_their_shares_and_exact_labels(tmp_path)
             label = Path(str(path).replace("images", "labels")).with_suffix(".txt")
             assert label.read_text() == Path(str(twin).replace("images", "labels")).with_suffix(".txt").read_text()
     with pytest.raises(ValueError, match="unknown synthetic kind"):
-        al.synthetic_image("foggy", rng())
+        demo.synthetic_image("foggy", rng())
 
 
 def test_kinds_table_gives_each_strategys_share_of_hard_picks():

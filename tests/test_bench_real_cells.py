@@ -1,9 +1,8 @@
-"""scripts/bench_real_cells.py: the data-building steps on a tiny synthetic label stack (no download, no training)."""
+"""benchmarks/real_cells.py: the data-building steps on a tiny synthetic label stack (no download, no training)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -11,14 +10,13 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-import bench_real_cells as bench  # noqa: E402
+from benchmarks import real_cells as bench
 
-from cellseg_pl.coco import rle_to_mask  # noqa: E402
-from cellseg_pl.convert import convert_coco_zip  # noqa: E402
-from cellseg_pl.dataset import load_dataset_yaml, rasterize, read_label  # noqa: E402
-from cellseg_pl.label_file import label_path_for  # noqa: E402
+from cellseg_pl.cvat.coco import rle_to_mask  # noqa: E402
+from cellseg_pl.cvat.convert import convert_coco_zip  # noqa: E402
+from cellseg_pl.data.dataset import load_dataset_yaml, rasterize, read_label  # noqa: E402
+from cellseg_pl.data.labels import label_path_for  # noqa: E402
 
 
 def synthetic_stack(frames: int = 3, h: int = 100, w: int = 150) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -121,7 +119,7 @@ def test_small_preset_is_the_labs_regime_and_flags_win():
     cmd = bench.worker_cmd(bench.parse(["--preset", "small"]), "cellseg_pl", 3, Path("d.yaml"), Path("o"), Path("r"))
     assert cmd[cmd.index("--patience") + 1] == "20" and cmd[cmd.index("--seeds") + 1] == "3"
     assert bench.parse(bench.worker_cmd(bench.parse(["--preset", "small"]), "ultralytics", 0, Path("d.yaml"),
-                                        Path("o"), Path("r"))[2:]).patience == 20
+                                        Path("o"), Path("r"))[3:]).patience == 20
 
 
 def test_subsample_draws_a_fixed_share_of_each_split():
@@ -135,43 +133,6 @@ def test_subsample_draws_a_fixed_share_of_each_split():
     assert bench.subsample(tiles, frames, {"train": 0, "val": 99}, seed=0) == tiles
 
 
-def test_score_bands_count_true_and_false_positives_by_score(tmp_path):
-    import bench_common
-    import cv2
-    import torch
-
-    from cellseg_pl.metrics import CellMatchMetrics, mask_map_metric
-
-    image = tmp_path / "images" / "a.png"
-    image.parent.mkdir()
-    cv2.imwrite(str(image), np.zeros((40, 40, 3), np.uint8))
-    (tmp_path / "labels").mkdir()
-    (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.4 0.1 0.4 0.4 0.1 0.4\n0 0.6 0.6 0.9 0.6 0.9 0.9 0.6 0.9\n")
-    truth, _ = bench_common.true_instances(image, 40, 40, 1)
-
-    class Found:  # what cellseg_pl.predict.Instance offers the evaluator
-        def __init__(self, mask, score):
-            self.mask, self.score, self.label = mask, score, 0
-            ys, xs = np.nonzero(mask)
-            self.area, self.box = int(mask.sum()), [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-
-        def full_mask(self, h, w):
-            return self.mask
-
-    stray = np.zeros((40, 40), bool)
-    stray[18:22, 2:6] = True  # matches nothing
-    found = [Found(truth[0].numpy(), 0.9), Found(truth[1].numpy(), 0.3), Found(stray, 0.5), Found(stray, 0.1)]
-    edges = [0.25, 0.4, 0.6, 0.8]
-    bands = {f"{lo:.2f}-{hi:.2f}": {"TP": 0, "FP": 0} for lo, hi in zip(edges, [*edges[1:], 1.0])}
-    cells = {0.25: CellMatchMetrics(conf=0.25)}
-    bench_common._score_image(image, np.zeros((40, 40, 3)), found, 1, mask_map_metric(), cells, (0.25, edges, bands))
-    assert bands == {"0.25-0.40": {"TP": 1, "FP": 0}, "0.40-0.60": {"TP": 0, "FP": 1},
-                     "0.60-0.80": {"TP": 0, "FP": 0}, "0.80-1.00": {"TP": 1, "FP": 0}}  # (0.1 is below conf)
-    assert {k: float(v) for k, v in cells[0.25].compute().items() if k in ("tp", "fp", "fn")} == \
-        {"tp": 2.0, "fp": 1.0, "fn": 0.0}
-    assert torch.is_tensor(truth)
-
-
 def test_cellseg_args_reach_our_runs_only(tmp_path, monkeypatch):
     a = bench.parse(["--cellseg-args=--data.mask_ratio 2 --model.lr0 '0.005'", "--trainers", "cellseg_pl"])
     assert a.cellseg_args == ["--data.mask_ratio", "2", "--model.lr0", "0.005"] and a.trainers == ["cellseg_pl"]
@@ -180,7 +141,7 @@ def test_cellseg_args_reach_our_runs_only(tmp_path, monkeypatch):
     assert not any(arg.startswith("--cellseg-args") for arg in theirs)
     seen = []
     monkeypatch.setattr(bench, "run_cellseg", lambda knobs, out, extra_args=(): seen.append(extra_args) or {})
-    assert bench.worker(bench.parse(ours[2:])) == 0  # the worker process splits the same flags back
+    assert bench.worker(bench.parse(ours[3:])) == 0  # the worker process splits the same flags back
     assert seen == [("--data.mask_ratio", "2", "--model.lr0", "0.005")]
     with pytest.raises(SystemExit):  # an unbalanced quote is refused before anything runs
         bench.parse(["--cellseg-args=--model.lr0 '0.001"])
@@ -199,10 +160,10 @@ def test_prepare_out_refuses_a_foreign_folder(tmp_path):
 
 
 def test_workers_get_the_callers_omp_num_threads_not_ultralytics(monkeypatch):
-    import bench_common
+    from benchmarks import common
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what importing Ultralytics (to score a model) leaves behind
-    monkeypatch.setattr(bench_common, "_CALLER_OMP_NUM_THREADS", None)
-    assert "OMP_NUM_THREADS" not in bench_common.worker_env()
-    monkeypatch.setattr(bench_common, "_CALLER_OMP_NUM_THREADS", "3")  # the caller's own choice is kept
-    assert bench_common.worker_env()["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setattr(common, "_CALLER_OMP_NUM_THREADS", None)
+    assert "OMP_NUM_THREADS" not in common.worker_env()
+    monkeypatch.setattr(common, "_CALLER_OMP_NUM_THREADS", "3")  # the caller's own choice is kept
+    assert common.worker_env()["OMP_NUM_THREADS"] == "3"

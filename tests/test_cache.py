@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from cellseg_pl.cache import ImageCache
-from cellseg_pl.datamodule import CellSegDataModule
+from cellseg_pl.data.cache import ImageCache
+from cellseg_pl.data.datamodule import CellSegDataModule
 
 
 def samples(tiny_data, cache: str, **kw) -> list:
     dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, degrees=180.0, mosaic=1.0,
                            copy_paste=0.5, cache=cache, **kw)
-    ds = dm._dataset("train", train=True)
+    ds = dm.split_dataset("train", train=True)
     return [ds[i] for i in range(len(ds))], ds
 
 
@@ -30,20 +30,20 @@ def test_cached_samples_equal_uncached_ones(tiny_data, mode):
 
 
 def test_ram_cache_over_budget_falls_back_with_one_log_line(tiny_data, caplog):
-    from cellseg_pl.dataset import load_dataset_yaml
+    from cellseg_pl.data.dataset import load_dataset_yaml
 
     images = load_dataset_yaml(tiny_data).splits["train"]
-    with caplog.at_level(logging.INFO, logger="cellseg_pl.cache"):
+    with caplog.at_level(logging.INFO, logger="cellseg_pl.data.cache"):
         cache = ImageCache(images, 128, "ram", budget=1000, split="train")
     assert cache.mode == "none" and cache.get(0) is None
-    lines = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.cache"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.data.cache"]
     assert len(lines) == 1 and "over the RAM budget" in lines[0]
 
 
 def test_disk_cache_is_reused_and_renewed_when_an_image_changes(tiny_data, tmp_path):
     import shutil
 
-    from cellseg_pl.dataset import load_dataset_yaml
+    from cellseg_pl.data.dataset import load_dataset_yaml
 
     images = load_dataset_yaml(tiny_data).splits["train"][:3]
     local = []

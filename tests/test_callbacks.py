@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cellseg_pl.__main__ import main
-from cellseg_pl.callbacks import (
+from cellseg_pl.train.callbacks import (
     RESULTS_COLUMNS,
     CloseMosaic,
     ConsoleReport,
@@ -34,7 +34,7 @@ def test_fit_writes_ultralytics_weights_and_a_readable_console(tiny_data, tmp_pa
     run = tmp_path / "run"
     weights = run / "weights"
     assert (weights / "best.pt").is_file() and (weights / "last.pt").is_file()
-    assert not list(weights.glob(".partial-*"))
+    assert not list(weights.glob(".*.partial-*"))
     # one line per validated epoch, 1-based, with the losses and the mask metrics
     lines = [line for line in err.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
@@ -161,10 +161,10 @@ def test_early_stopping_waits_while_nothing_is_found_yet_as_ultralytics():
 def test_console_report_lines_best_epoch_and_summary(tmp_path, caplog):
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
-    for name in ("weights/best.pt", "weights/last.ckpt", "weights/.partial-1-last.ckpt", "results.csv"):
+    for name in ("weights/best.pt", "weights/last.ckpt", "weights/.last.ckpt.partial-1", "results.csv"):
         (run / name).write_text("x")
     cb = ConsoleReport(run)
-    caplog.set_level(logging.INFO, logger="cellseg_pl.callbacks")
+    caplog.set_level(logging.INFO, logger="cellseg_pl.train.callbacks")
     cb.on_fit_start(fake_trainer(), None)
     cb.on_train_epoch_end(fake_trainer(0, epoch_metrics(0.5), max_epochs=40), None)
     cb.on_train_epoch_end(fake_trainer(1, {"train/box_loss": 1.0}, max_epochs=40), None)  # not validated: no line
@@ -209,7 +209,7 @@ def test_ultralytics_weights_follow_best_ckpt(tmp_path, monkeypatch):
 def test_ultralytics_weights_write_a_file_ultralytics_loads(tmp_path):
     from ultralytics import YOLO
 
-    from cellseg_pl.model import build_network
+    from cellseg_pl.yolo.network import build_network
 
     net = build_network("yolov8n-seg.yaml", 1, {0: "cell"})
     module = SimpleNamespace(eval_net=net, class_names={0: "cell"})

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cellseg_pl.__main__ import main
-from cellseg_pl.datamodule import CellSegDataModule
-from cellseg_pl.module import CellSegModule
+from cellseg_pl.data.datamodule import CellSegDataModule
+from cellseg_pl.train.module import CellSegModule
 
 from conftest import fit_args
 
@@ -41,9 +41,10 @@ def test_fit_help_documents_every_model_and_data_argument(capsys):
     ("export", ["--ckpt", "--output", "--half"]),
     ("select", ["--model", "--pool", "--k", "--copy_to", "--exclude", "--no_tta", "--conf", "--tile"]),
     ("predict", ["--model", "--images", "--output", "--save_overlays", "--conf", "--min_area", "--tile"]),
+    ("evaluate", ["--model", "--data", "--split", "--conf", "--sweep", "--output"]),
 ])  # fmt: skip
 def test_tool_help_is_generated_from_the_signature_and_names_the_command(tool, flags, capsys):
-    import cellseg_pl.__main__ as entry
+    import cellseg_pl.commands as entry
 
     assert main([tool, "--help"]) == 0
     text = capsys.readouterr().out
@@ -136,7 +137,7 @@ def test_print_config(tiny_data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fine_tune_from_a_cellseg_checkpoint(tiny_data, tmp_path):
-    from cellseg_pl.model import build_network, load_weights
+    from cellseg_pl.yolo.network import build_network, load_weights
 
     assert main(fit_args(tiny_data, tmp_path, "first", 1)) == 0
     ckpt = tmp_path / "first" / "weights" / "last.ckpt"
@@ -166,7 +167,7 @@ def error_line(code: int, err: str, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def ckpt_files(tmp_path_factory) -> dict[str, str]:
     """What ``--ckpt_path`` may be given: a 1-class and a 2-class checkpoint, and broken files."""
-    from cellseg_pl.module import CellSegModule
+    from cellseg_pl.train.module import CellSegModule
 
     root = tmp_path_factory.mktemp("ckpts")
     files = {}
@@ -249,7 +250,7 @@ def test_default_root_dir_other_than_the_run_folder_is_refused(tiny_data, tmp_pa
 
 
 def test_default_root_dir_equal_to_the_run_folder_or_from_an_old_config_is_used(tiny_data, tmp_path):
-    from cellseg_pl.cli import CellSegCLI
+    from cellseg_pl.train.cli import CellSegCLI
 
     same = fit_args(tiny_data, tmp_path, "run", 1, "--trainer.default_root_dir", str(tmp_path / "run"))
     cli = CellSegCLI(args=same[1:], run=False)
@@ -280,7 +281,7 @@ def test_failed_fit_before_its_first_checkpoint_leaves_no_run_folder(tiny_data, 
 
 
 def test_failed_fit_files_are_kept_once_a_checkpoint_exists(tmp_path):
-    from cellseg_pl.cli import remove_failed_fit_files
+    from cellseg_pl.train.run_dir import remove_failed_fit_files
 
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
@@ -297,7 +298,7 @@ def test_val_of_an_ultralytics_pt_reads_its_data_from_train_args(tiny_data, tmp_
     """``val --model.model best.pt`` alone, as ``yolo segment val model=best.pt``: data and imgsz from the file."""
     import torch
 
-    from cellseg_pl.model import build_network, save_ultralytics_checkpoint
+    from cellseg_pl.yolo.network import build_network, save_ultralytics_checkpoint
 
     torch.manual_seed(0)
     pt = tmp_path / "best.pt"

@@ -1,4 +1,4 @@
-"""Tests of cellseg_pl.coco: polygon/mask/RLE conversions and COCO dicts."""
+"""Tests of cellseg_pl.cvat.coco: polygon/mask/RLE conversions and COCO dicts."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import pytest
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from cellseg_pl.coco import (
+from cellseg_pl.cvat.coco import (
     build_coco,
     mask_to_polygons,
-    mask_to_rle,
     mask_to_yolo_polygons,
     polygons_to_mask,
     rle_to_mask,
     validate_polygon,
 )
+
+from conftest import mask_to_rle
 
 
 def disk(height: int, width: int, cx: float, cy: float, radius: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests of cellseg_pl.convert: CVAT "COCO 1.0" zip -> YOLO-seg dataset folder, on tiny synthetic zips."""
+"""Tests of cellseg_pl.cvat.convert: CVAT "COCO 1.0" zip -> YOLO-seg dataset folder, on tiny synthetic zips."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from cellseg_pl.coco import mask_to_polygons, mask_to_rle, polygons_to_mask
+from cellseg_pl.cvat.coco import mask_to_polygons, polygons_to_mask
+from conftest import mask_to_rle
 from cellseg_pl.__main__ import main as cellseg_main
-from cellseg_pl.convert import convert_coco_zip
-from cellseg_pl.convert_report import ConvertError
+from cellseg_pl.cvat.convert import convert_coco_zip
+from cellseg_pl.errors import ConvertError
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 96, 128
@@ -103,7 +104,7 @@ def fill(points: np.ndarray, height: int, width: int, how: str = "round") -> np.
     elif how == "trunc32":  # Ultralytics: float32 labels, int32 cast in polygon2mask
         pix = (points.astype(np.float32) * np.array([width, height], np.float32)).astype(np.int32)
         cv2.fillPoly(out, [pix], 1)
-    else:  # cellseg_pl.dataset: 4 fractional bits
+    else:  # cellseg_pl.data.dataset: 4 fractional bits
         pix = np.round(points.astype(np.float32) * np.array([width, height], np.float32) * 16).astype(np.int32)
         cv2.fillPoly(out, [pix], 1, lineType=cv2.LINE_8, shift=4)
     return out.astype(bool)
@@ -469,7 +470,7 @@ def test_overwrite_replaces_only_a_folder_convert_wrote(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main("--coco-zip", simple_zip(tmp_path / "old.zip", n_images=5), "--output-dir", out) == 0
     manifest = json.loads((out / ".cellseg_convert.json").read_text())
-    assert manifest["tool"] == "cellseg_pl.convert" and "dataset.yaml" in manifest["files"]
+    assert manifest["tool"] == "cellseg_pl.cvat.convert" and "dataset.yaml" in manifest["files"]
     assert sorted(manifest["files"]) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
                                                and p.name != ".cellseg_convert.json")  # fmt: skip
     (out / ".cellseg_cache" / "640").mkdir(parents=True)  # caches made from the set go with it
@@ -707,7 +708,7 @@ def test_convert_log_lines_are_printed_once(tmp_path):
 # a convert killed with SIGKILL at a chosen point (a real kill -9: no cleanup code runs)
 _KILLED = """
 import os, signal, sys
-import cellseg_pl.convert as cv, cellseg_pl.outdir as od
+import cellseg_pl.cvat.convert as cv, cellseg_pl.files as od
 from cellseg_pl.__main__ import main
 
 def die(*_):

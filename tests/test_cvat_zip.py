@@ -1,4 +1,4 @@
-"""Tests of cellseg_pl.cvat_zip: safe reading of CVAT "COCO 1.0" zips (zip slip, errors, image lookup)."""
+"""Tests of cellseg_pl.cvat.archive: safe reading of CVAT "COCO 1.0" zips (zip slip, errors, image lookup)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cellseg_pl.coco import CocoError, build_coco
-from cellseg_pl.cvat_zip import open_coco_zip
+from cellseg_pl.cvat.coco import build_coco
+from cellseg_pl.cvat.archive import open_coco_zip
+from cellseg_pl.errors import ConvertError
 
 
 def make_zip(path: Path, members: dict[str, bytes | str]) -> Path:
@@ -36,7 +37,7 @@ def coco_json(file_names: list[str]) -> str:
 )
 def test_open_coco_zip_rejects_zip_slip(tmp_path, member, reason):
     z = make_zip(tmp_path / "x.zip", {"annotations/instances_default.json": coco_json([]), member: b"x"})
-    with pytest.raises(CocoError, match=reason) as err:
+    with pytest.raises(ConvertError, match=reason) as err:
         open_coco_zip(z)
     assert repr(member) in str(err.value) and str(z) in str(err.value)
 
@@ -44,20 +45,20 @@ def test_open_coco_zip_rejects_zip_slip(tmp_path, member, reason):
 def test_open_coco_zip_errors(tmp_path):
     text = tmp_path / "notes.zip"
     text.write_text("not a zip")
-    with pytest.raises(CocoError, match="is not a zip file"):
+    with pytest.raises(ConvertError, match="is not a zip file"):
         open_coco_zip(text)
-    with pytest.raises(CocoError, match="does not exist"):
+    with pytest.raises(ConvertError, match="does not exist"):
         open_coco_zip(tmp_path / "missing.zip")
     empty = make_zip(tmp_path / "e.zip", {"images/a.png": b"x"})
-    with pytest.raises(CocoError, match=r"no annotations/instances_<subset>\.json inside \(it holds images/a\.png\)"):
+    with pytest.raises(ConvertError, match=r"no annotations/instances_<subset>\.json inside \(it holds images/a\.png\)"):
         open_coco_zip(empty)
     bad = make_zip(tmp_path / "b.zip", {"annotations/instances_default.json": '{\n "images": [],\n oops\n}'})
-    with pytest.raises(CocoError, match=r"instances_default\.json: invalid JSON at line 3 column 2"):
+    with pytest.raises(ConvertError, match=r"instances_default\.json: invalid JSON at line 3 column 2"):
         open_coco_zip(bad)
     wrong = make_zip(tmp_path / "w.zip", {"annotations/instances_default.json": '{"images": {}}'})
-    with pytest.raises(CocoError, match="'images' is not a list"):
+    with pytest.raises(ConvertError, match="'images' is not a list"):
         open_coco_zip(wrong)
-    with pytest.raises(CocoError, match="is not a folder"):
+    with pytest.raises(ConvertError, match="is not a folder"):
         open_coco_zip(empty, images_dir=tmp_path / "nope")
 
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from cellseg_pl.datamodule import CellSegDataModule
+from cellseg_pl.data.datamodule import CellSegDataModule
+from cellseg_pl.errors import UsageError
 
 
 @pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (4, 3), (16, 8)])
@@ -22,6 +23,7 @@ def test_num_workers_auto_on_the_cpu_leaves_the_cores_to_the_step(tiny_data, mon
     import torch
 
     import cellseg_pl
+    from cellseg_pl.train.callbacks import share_cpu
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(cellseg_pl, "USER_OMP_NUM_THREADS", None)
@@ -30,11 +32,11 @@ def test_num_workers_auto_on_the_cpu_leaves_the_cores_to_the_step(tiny_data, mon
     assert dm.num_workers == expected
     before = torch.get_num_threads()
     try:
-        dm._share_cpu()
+        share_cpu(dm.trainer, dm.num_workers)
         assert torch.get_num_threads() == cores  # no core held back for the workers
         monkeypatch.setattr(cellseg_pl, "USER_OMP_NUM_THREADS", "1")  # the user's OMP_NUM_THREADS wins
         torch.set_num_threads(1)
-        dm._share_cpu()
+        share_cpu(dm.trainer, dm.num_workers)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -54,13 +56,13 @@ def test_train_loader_keeps_a_final_batch_of_one_image(tiny_data):
 
 
 def test_augmentation_knobs_are_train_transforms_parameters():
-    """The data module repeats TrainTransform's knobs for LightningCLI: same names, types and defaults."""
+    """The data module takes every augmentation knob as a flag for LightningCLI: same names, types and defaults."""
     import inspect
 
-    from cellseg_pl.transforms import AUGMENTATION_KNOBS, TrainTransform
+    from cellseg_pl.data.transforms import AUGMENTATION_KNOBS, Augmentation
 
     ours = inspect.signature(CellSegDataModule).parameters
-    theirs = inspect.signature(TrainTransform).parameters
+    theirs = inspect.signature(Augmentation).parameters
     assert "degrees" in AUGMENTATION_KNOBS and "copy_paste_mode" in AUGMENTATION_KNOBS
     for name in AUGMENTATION_KNOBS:
         assert name in ours, name
@@ -77,8 +79,8 @@ def test_augmentation_knobs_reach_the_train_transform(tiny_data):
 
 def test_every_augmentation_knob_has_its_yolo_argument():
     """``yolo segment train`` users write the same knob names: each one maps to its ``--data.*`` flag."""
-    from cellseg_pl.transforms import AUGMENTATION_KNOBS
-    from cellseg_pl.yolo_arg_table import BY_KEY
+    from cellseg_pl.data.transforms import AUGMENTATION_KNOBS
+    from cellseg_pl.train.yolo_arg_table import BY_KEY
 
     for name in AUGMENTATION_KNOBS:
         assert BY_KEY[name].option == f"--data.{name}", name
@@ -88,7 +90,7 @@ def test_every_augmentation_knob_has_its_yolo_argument():
 
 
 def test_epoch_shuffle_is_a_pure_function_of_seed_and_epoch():
-    from cellseg_pl.datamodule import EpochShuffleSampler
+    from cellseg_pl.data.datamodule import EpochShuffleSampler
 
     sampler = EpochShuffleSampler(50, seed=3)
     first = list(sampler)
@@ -103,7 +105,7 @@ def test_epoch_shuffle_is_a_pure_function_of_seed_and_epoch():
 def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tiny_data, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="cellseg_pl.datamodule")
+    caplog.set_level(logging.INFO, logger="cellseg_pl.data.datamodule")
     dm = CellSegDataModule(str(tiny_data), imgsz=128, mosaic=1.0, close_mosaic=2)
     states = []
     for epoch in range(5):
@@ -143,14 +145,23 @@ def test_classes_and_val_loader(tiny_data):
     assert torch.equal(again["img"], batches[0]["img"])  # no shuffling, no augmentation
 
 
-def test_predict_images_folder_errors(tiny_data, tmp_path):
-    from cellseg_pl.dataset import DatasetError
+def test_predict_images_folder_errors(tmp_path):
+    from jsonargparse import Namespace
 
-    with pytest.raises(ValueError, match="^--data.predict_images: give the folder"):
-        CellSegDataModule(str(tiny_data)).predict_dataloader()
-    with pytest.raises(DatasetError, match="is not a folder"):
-        CellSegDataModule(str(tiny_data), predict_images=str(tmp_path / "missing")).predict_dataloader()
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images")
-    with pytest.raises(DatasetError, match="holds no images"):
-        CellSegDataModule(str(tiny_data), predict_images=str(tmp_path / "empty")).predict_dataloader()
+    from cellseg_pl.infer.predict import predict_output
+
+    def cfg(images):
+        return Namespace(predictions=None, data=Namespace(predict_images=images))
+
+    with pytest.raises(UsageError, match="^--data.predict_images: give the folder"):
+        predict_output(cfg(None), tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        predict_output(cfg(str(tmp_path / "missing")), tmp_path)
+    (tmp_path / "notes.txt").write_text("no images")
+    with pytest.raises(UsageError, match="is not a folder"):
+        predict_output(cfg(str(tmp_path / "notes.txt")), tmp_path)
+    (tmp_path / "predictions.json").write_text("{}")
+    with pytest.raises(UsageError, match="exists; give another file"):
+        predict_output(cfg(str(tmp_path)), tmp_path)
+
+

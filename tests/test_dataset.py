@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_pl.dataset import (
-    Collate,
-    DatasetError,
-    YoloSegDataset,
-    instance_boxes,
-    load_dataset_yaml,
-    rasterize,
-    read_image,
-    read_label,
-)
-from cellseg_pl.label_file import label_path_for
-from cellseg_pl.transforms import ValTransform
+from cellseg_pl.data.dataset import Collate, YoloSegDataset, instance_boxes, load_dataset_yaml, rasterize, read_label
+from cellseg_pl.data.images import read_image
+from cellseg_pl.data.labels import label_path_for
+from cellseg_pl.data.transforms import ValTransform
+from cellseg_pl.errors import DatasetError
 
 
 def test_load_dataset_yaml(tiny_data):

@@ -19,7 +19,7 @@ from torch import nn
 
 datumaro = pytest.importorskip("datumaro")
 
-from cellseg_pl.predict import predict_folder  # noqa: E402
+from cellseg_pl.infer.predict import predict_folder  # noqa: E402
 
 BACKGROUND, DARK = 200, 40
 

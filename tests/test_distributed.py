@@ -145,7 +145,7 @@ def slurm_env(ntasks: int, procid: int, localid: int, nodeid: int) -> dict[str, 
 def test_fake_slurm_environment_gives_ranks_and_requeue(tiny_data, tmp_path, monkeypatch):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from cellseg_pl.cli import CellSegCLI
+    from cellseg_pl.train.cli import CellSegCLI
 
     for key, value in slurm_env(ntasks=4, procid=3, localid=1, nodeid=1).items():
         monkeypatch.setenv(key, value)

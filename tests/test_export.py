@@ -16,12 +16,14 @@ import torch
 import yaml
 
 from cellseg_pl.__main__ import main
-from cellseg_pl.datamodule import CellSegDataModule
-from cellseg_pl.demo import make_demo_dataset
-from cellseg_pl.export import export_model
-from cellseg_pl.model import load_weights, split_outputs
-from cellseg_pl.module import CellSegModule
-from cellseg_pl.postprocess import postprocess, to_original
+from cellseg_pl.data.dataset import Collate, YoloSegDataset
+from cellseg_pl.data.images import list_images
+from cellseg_pl.data.transforms import ValTransform
+from cellseg_pl.data.demo import make_demo_dataset
+from cellseg_pl.train.export import export_model
+from cellseg_pl.yolo.network import load_weights, split_outputs
+from cellseg_pl.train.module import CellSegModule
+from cellseg_pl.yolo.postprocess import postprocess, to_original
 
 from conftest import calibrate_batchnorm, fit_args
 
@@ -64,11 +66,11 @@ def built(tmp_path_factory, no_network) -> dict[str, Any]:
 def ours(weights: Path, data: Path, images: Path) -> list[dict[str, torch.Tensor]]:
     """cellseg_pl's predictions: its predict loader (letterbox), network, postprocess and to_original."""
     net, names, _ = load_weights(weights)
-    net = net.fuse(verbose=False)  # as cellseg_pl.predict and Ultralytics' predictor run it: Conv+BN folded
-    dm = CellSegDataModule(dataset=str(data), imgsz=IMGSZ, batch_size=4, num_workers=0, predict_images=str(images))
+    net = net.fuse(verbose=False)  # as cellseg_pl.infer.predict and Ultralytics' predictor run it: Conv+BN folded
+    dataset = YoloSegDataset(list_images(images), len(names), IMGSZ, ValTransform(IMGSZ))
     out = []
     with torch.no_grad():
-        for batch in dm.predict_dataloader():
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=Collate()):
             det, proto, _ = split_outputs(net(batch["img"].float() / 255))
             for i, r in enumerate(postprocess(det, proto, len(names), CONF, IOU, 300)):
                 o = to_original(r, proto[i], tuple(batch["img"].shape[-2:]), tuple(batch["ori_shape"][i]))
@@ -192,7 +194,7 @@ def test_failed_write_leaves_nothing(built, tmp_path, capsys, monkeypatch):
         Path(path).write_bytes(b"half a model")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
-    monkeypatch.setattr("cellseg_pl.export.save_ultralytics_checkpoint", broken_save)
+    monkeypatch.setattr("cellseg_pl.train.export.save_ultralytics_checkpoint", broken_save)
     out = tmp_path / "cells_v2.0.pt"
     assert main(["export", "--ckpt", str(built["ckpt"]), "--output", str(out)]) == 2
     assert "writing" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
@@ -297,9 +299,9 @@ def test_reinit_head_keeps_every_other_weight(built, tmp_path, start_weights):
 
 
 def test_other_class_names_warn(built, caplog):
-    from cellseg_pl.model import build_network
+    from cellseg_pl.yolo.network import build_network
 
-    with caplog.at_level("WARNING", logger="cellseg_pl.model"):
+    with caplog.at_level("WARNING", logger="cellseg_pl.yolo.network"):
         net = build_network(str(built["pt"]), 1, {0: "blob"})
     assert net.names == {0: "blob"}
     assert "was trained on classes {0: 'cell'}, the data names them {0: 'blob'}" in caplog.text
@@ -310,7 +312,7 @@ def test_stale_partial_files_of_killed_exports_are_removed(tmp_path, caplog):
     import subprocess
     import sys
 
-    from cellseg_pl.export import remove_stale_partials
+    from cellseg_pl.files import remove_stale_partials
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # that process has ended
@@ -322,6 +324,22 @@ def test_stale_partial_files_of_killed_exports_are_removed(tmp_path, caplog):
     for path in theirs:
         path.write_bytes(b"not ours")
     caplog.set_level("WARNING", logger="cellseg_pl")
-    assert remove_stale_partials(tmp_path) == [stale]
+    assert remove_stale_partials(tmp_path, ".pt", "a killed export") == [stale]
     assert not stale.exists() and running.exists() and all(p.exists() for p in theirs)
     assert f"removed {stale}, left by a killed export (pid {pid}, no longer running)" in caplog.text
+
+
+def test_every_half_written_file_has_one_naming_scheme(tmp_path):
+    import os
+
+    from cellseg_pl.files import PARTIAL_RE, partial_path
+
+    pid = os.getpid()
+    for path, kind, tag in ((tmp_path / "best.pt", "partial", ""), (tmp_path / "a.b.npz", "partial", 7),
+                            (tmp_path / "data-v1", "convert-staging", ""), (tmp_path / "data", "convert-old", "")):
+        made = partial_path(path, kind, tag)
+        assert made.parent == path.parent and made.name.startswith(".")
+        match = PARTIAL_RE.match(made.name)
+        assert match and (match["name"], match["kind"], int(match["pid"]), match["tag"] or "") == \
+            (path.name, kind, pid, str(tag))
+    assert not PARTIAL_RE.match("best.pt") and not PARTIAL_RE.match(".best.pt")

@@ -63,7 +63,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
     ckpt = torch.load(tmp_path / "killed" / "weights" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1  # the last complete epoch survived the kill, loadable
     assert ckpt["cellseg_pending_grads"]  # the batches accumulated since the last optimizer step
-    assert not list((tmp_path / "killed" / "weights").glob(".partial-*"))
+    assert not list((tmp_path / "killed" / "weights").glob(".*.partial-*"))
 
     resumed = run_cli(fit_args(tiny_data, tmp_path, "killed", 3, *common, "--ckpt_path", "last"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -80,7 +80,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_skips_the_step_then_stops_with_a_clear_error(tiny_data, tmp_path, monkeypatch, capsys, caplog):
-    from cellseg_pl.module import CellSegModule
+    from cellseg_pl.train.module import CellSegModule
 
     real = CellSegModule.criterion
     calls = {"n": 0}

@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cellseg_pl.dataset import DatasetError, ImageTooLargeError, decode_image, image_size_from_header, read_image
+from cellseg_pl.data.images import decode_image, image_size_from_header, read_image
+from cellseg_pl.errors import DatasetError, ImageTooLargeError
 
 from conftest import huge_png
 
@@ -38,7 +39,7 @@ def test_image_over_the_opencv_limit_names_file_size_and_fix(tmp_path):
 
 
 def test_other_opencv_exceptions_become_a_dataset_error(tmp_path, monkeypatch):
-    import cellseg_pl.dataset as dataset_mod
+    import cellseg_pl.data.dataset as dataset_mod
 
     def refuse(*args, **kwargs):
         raise cv2.error("OpenCV(5.0.0) loadsave.cpp:1: error: (-2:Unspecified error) something else")
@@ -64,7 +65,7 @@ def test_size_from_header_of_non_images():
 
 
 def test_scan_before_training_skips_and_counts_it(tmp_path):
-    from cellseg_pl.scan import scan_split
+    from cellseg_pl.data.scan import scan_split
 
     folder = tmp_path / "images" / "train"
     folder.mkdir(parents=True)
@@ -84,7 +85,7 @@ def test_convert_skips_and_counts_an_image_over_the_limit_and_writes_the_others(
     import json
     import zipfile
 
-    from cellseg_pl.convert import convert_coco_zip
+    from cellseg_pl.cvat.convert import convert_coco_zip
 
     good = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
     square = [10.0, 10.0, 40.0, 10.0, 40.0, 40.0, 10.0, 40.0]

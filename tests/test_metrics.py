@@ -11,11 +11,17 @@ from cellseg_pl.metrics import (
     encode_crops,
     encode_masks,
     encode_masks_with_areas,
-    mask_iou,
     mask_map_metric,
     match,
     rle_iou,
 )
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix (n, m) of two boolean mask stacks, from their RLEs."""
+    if not len(a) or not len(b):
+        return torch.zeros(len(a), len(b))
+    return torch.as_tensor(rle_iou(encode_masks(a), encode_masks(b)).astype(np.float32))
 
 
 def disk(cx: int, cy: int, r: int, size: int = 64) -> torch.Tensor:
@@ -273,9 +279,9 @@ def test_module_validation_with_300_detections_per_image(tiny_data, monkeypatch)
     """The module's validation path (postprocess -> both metrics -> logged values) on images with 300 detections."""
     import lightning as L
 
-    import cellseg_pl.module as module_mod
-    from cellseg_pl.datamodule import CellSegDataModule
-    from cellseg_pl.module import CellSegModule
+    import cellseg_pl.train.module as module_mod
+    from cellseg_pl.data.datamodule import CellSegDataModule
+    from cellseg_pl.train.module import CellSegModule
 
     def dense(det, proto, num_classes, conf=0.001, iou=0.7, max_det=300, with_masks=True):
         size = proto.shape[-1] * 4

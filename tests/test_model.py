@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_pl.dataset import Collate, YoloSegDataset
-from cellseg_pl.model import CroppedMaskLoss, _chunked_segmentation_loss_class, attach_loss, build_network
-from cellseg_pl.transforms import ValTransform
+from cellseg_pl.data.dataset import Collate, YoloSegDataset
+from cellseg_pl.yolo.loss import CroppedMaskLoss, _chunked_segmentation_loss_class, attach_loss
+from cellseg_pl.yolo.network import build_network
+from cellseg_pl.data.transforms import ValTransform
 
 
 def dense_batch(tmp_path, n_cells: int = 60, size: int = 128, images: int = 2) -> list[dict]:
     """Samples of ``images`` images with ``n_cells`` small round cells each, through the training data path."""
     import cv2
 
-    from cellseg_pl.demo import write_yolo_label
+    from cellseg_pl.data.demo import write_yolo_label
 
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()

@@ -1,4 +1,4 @@
-"""cellseg_pl.optim against Ultralytics 8.4.190's trainer: parameter groups, ``optimizer=auto``, lr decay, warmup,
+"""cellseg_pl.train.recipe against Ultralytics 8.4.190's trainer: parameter groups, ``optimizer=auto``, lr decay, warmup,
 accumulation and the weight EMA.
 
 Where Ultralytics has a function (``BaseTrainer.build_optimizer``, ``_get_warmup_iterations``, ``_setup_scheduler``,
@@ -19,7 +19,7 @@ from torch import nn
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.utils.torch_utils import ModelEMA
 
-from cellseg_pl.optim import (
+from cellseg_pl.train.recipe import (
     EMA,
     OPTIMIZERS,
     build_optimizer,

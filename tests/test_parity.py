@@ -10,15 +10,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-import parity_schedule as parity  # noqa: E402
+from benchmarks import parity_schedule as parity
 
 EPOCHS, BATCH, NBS, IMGSZ = 4, 4, 16, 64
 
@@ -26,7 +23,7 @@ EPOCHS, BATCH, NBS, IMGSZ = 4, 4, 16, 64
 @pytest.fixture(scope="module")
 def nine_images(tmp_path_factory):
     """9 training images: batches of 4, 4 and 1 (the final batch of one that Ultralytics keeps)."""
-    from cellseg_pl.demo import make_demo_dataset
+    from cellseg_pl.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("nine") / "data", n_train=9, n_val=2, size=IMGSZ, seed=3)
 
@@ -56,8 +53,8 @@ def test_ultralytics_batches_through_our_module_end_in_ultralytics_weights(nine_
     from ultralytics import YOLO
     from ultralytics.data.dataset import YOLODataset
 
-    from cellseg_pl.datamodule import CellSegDataModule
-    from cellseg_pl.module import CellSegModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
+    from cellseg_pl.train.module import CellSegModule
 
     trainer_module.check_amp = lambda *a, **k: True
     rec = {"batches": [], "on": False}
@@ -113,7 +110,7 @@ STATS_RECIPE = dict(degrees=180.0, scale=0.5, flipud=0.5, fliplr=0.5, translate=
 
 @pytest.fixture(scope="module")
 def stats_data(tmp_path_factory):
-    from cellseg_pl.demo import make_demo_dataset
+    from cellseg_pl.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("stats") / "data", n_train=32, n_val=2, size=256, seed=5)
 
@@ -136,7 +133,7 @@ def test_train_samples_carry_what_ultralytics_samples_carry(stats_data, mosaic, 
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 
     imgsz, n = 128, 64
     recipe = {**STATS_RECIPE, "mosaic": mosaic, "copy_paste": copy_paste}
@@ -147,7 +144,7 @@ def test_train_samples_carry_what_ultralytics_samples_carry(stats_data, mosaic, 
     np.random.seed(0)
     u = loader_stats((theirs[i % len(theirs)] for i in range(n)), imgsz)
     ours = CellSegDataModule(str(stats_data), imgsz=imgsz, batch_size=8, num_workers=0, **recipe)
-    ds = ours._dataset("train", train=True)
+    ds = ours.split_dataset("train", train=True)
     o = loader_stats((ds[i % len(ds)] for i in range(n)), imgsz)
     # (measured with mosaic: Ultralytics 15.6 cells and 5 % padding per sample; before the mosaic canvas, ours had
     # 11.0 cells and 22 % padding. With copy_paste 0.3 Ultralytics' samples carry 22 % more cells (18.9, 200
@@ -170,7 +167,7 @@ def test_mask_targets_agree_with_ultralytics_and_sit_closer_to_the_polygons():
     import cv2
     from ultralytics.data.utils import polygons2masks_overlap
 
-    from cellseg_pl.dataset import Collate, finalize, rasterize
+    from cellseg_pl.data.dataset import Collate, finalize, rasterize
 
     size, ratio = 256, 4
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_pl.plots import PRED_COLOR, TRUE_COLOR, ValidationPictures, draw_val_grid, plot_results, read_results
+from cellseg_pl.train.plots import PRED_COLOR, TRUE_COLOR, ValidationPictures, draw_val_grid, plot_results, read_results
 
 from conftest import fit_args
 
@@ -81,7 +81,7 @@ def test_val_grid_shape_colours_and_threshold():
 
 
 def test_results_png_redraw_is_throttled(tmp_path, monkeypatch):
-    import cellseg_pl.plots as plots
+    import cellseg_pl.train.plots as plots
 
     (tmp_path / "results.csv").write_text("epoch,fitness\n1,0.5\n")
     calls = []

@@ -1,4 +1,4 @@
-"""cellseg_pl.postprocess on hand-made head output: NMS, score threshold, max_det, masks cropped to their boxes, and the
+"""cellseg_pl.yolo.postprocess on hand-made head output: NMS, score threshold, max_det, masks cropped to their boxes, and the
 mapping of a letterboxed input back to the original image."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellseg_pl.postprocess import box_masks, postprocess, to_original
+from cellseg_pl.yolo.postprocess import box_masks, postprocess, to_original
 
 S, NC, NM = 64, 2, 32  # input side, classes, mask coefficients
 

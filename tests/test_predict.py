@@ -1,4 +1,4 @@
-"""Tests of cellseg_pl.predict and its engine (cellseg_pl.inference): images -> COCO 1.0 JSON for CVAT, tiling,
+"""Tests of cellseg_pl.infer.predict and its engine (cellseg_pl.infer.engine): images -> COCO 1.0 JSON for CVAT, tiling,
 overlays, the command line, and the LightningCLI style of predict.
 
 Most tests use :class:`BlobNet`, a stand-in network that finds dark discs by thresholding and emits them as raw
@@ -22,13 +22,13 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-import cellseg_pl.inference as inference_mod
-from cellseg_pl.coco import polygons_to_mask
-from cellseg_pl.convert import convert_coco_zip
-from cellseg_pl.dataset import read_label, rasterize
-from cellseg_pl.inference import Instance, Predictor, merge_windows, tile_windows
+import cellseg_pl.infer.engine as inference_mod
+from cellseg_pl.cvat.coco import polygons_to_mask
+from cellseg_pl.cvat.convert import convert_coco_zip
+from cellseg_pl.data.dataset import read_label, rasterize
+from cellseg_pl.infer.engine import Instance, Predictor, merge_windows, tile_windows
 from cellseg_pl.__main__ import main as cellseg_main
-from cellseg_pl.predict import predict_folder
+from cellseg_pl.infer.predict import predict_folder
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND, CELL = 200, 40
@@ -140,8 +140,8 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory) -> dict[str, Path]:
     """A randomly initialised yolov8n-seg saved as an Ultralytics ``.pt`` and as a cellseg_pl ``.ckpt`` (imgsz 64)."""
-    from cellseg_pl.model import save_ultralytics_checkpoint
-    from cellseg_pl.module import CellSegModule
+    from cellseg_pl.yolo.network import save_ultralytics_checkpoint
+    from cellseg_pl.train.module import CellSegModule
 
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
@@ -464,8 +464,8 @@ def test_overwrite(weights, cells, tmp_path, capsys):
 def test_python_m_cellseg_pl_predict_routes_to_the_tool_unless_given_a_run_config(
     weights, cells, tmp_path, capsys, monkeypatch
 ):
-    from cellseg_pl import cli
-    from cellseg_pl.__main__ import lightning_style_predict
+    from cellseg_pl.train import cli
+    from cellseg_pl.commands import lightning_style_predict
 
     root, _ = cells
     a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
@@ -509,8 +509,8 @@ def test_both_predict_paths_write_the_same_json_on_a_tiled_image(weights, tiny_d
     lightning = [
         "predict", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", str(tiny_data),
         "--data.imgsz", "64", "--data.batch_size", "4", "--data.num_workers", "0", "--data.predict_images",
-        str(images), "--ckpt_path", ckpt, "--model.predict_conf", "0.001", "--model.max_det", "20",
-        "--model.min_area", "100", "--tile", "on", "--save_overlays", str(tmp_path / "ov_cli"),
+        str(images), "--ckpt_path", ckpt, "--conf", "0.001", "--max_det", "20",
+        "--min_area", "100", "--tile", "on", "--save_overlays", str(tmp_path / "ov_cli"),
         "--trainer.accelerator", "cpu", "--project", str(tmp_path), "--name", "run", "--predictions", str(cli_json),
     ]  # fmt: skip
     assert cellseg_main(lightning) == 0
@@ -551,7 +551,8 @@ def test_guide_script_runs_with_the_guide_flags(weights, cells, tmp_path, monkey
 
 @pytest.mark.slow
 def test_lightning_predict_writes_the_same_coco_json(tiny_data, tmp_path):
-    """After a real ``fit``: ``predict --config ... --ckpt_path`` gives the file ``predict --images`` gives."""
+    """After a real ``fit``: ``predict --config ... --ckpt_path`` gives the file ``predict --images`` gives, with
+    the same defaults (the inference settings are declared once: InferenceOptions)."""
     from conftest import calibrate_batchnorm
 
     from conftest import fit_args
@@ -563,7 +564,7 @@ def test_lightning_predict_writes_the_same_coco_json(tiny_data, tmp_path):
     cli_json = tmp_path / "cli.json"
     args = ["predict", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", str(tiny_data),
             "--data.imgsz", "128", "--data.num_workers", "0", "--data.predict_images", str(images),
-            "--ckpt_path", str(ckpt), "--model.predict_conf", "0.001", "--model.min_area", "0", "--project", str(tmp_path),
+            "--ckpt_path", str(ckpt), "--conf", "0.001", "--project", str(tmp_path),  # (min_area, iou, max_det: defaults)
             "--name", "run", "--predictions", str(cli_json), "--trainer.enable_progress_bar", "false"]
     assert cellseg_main(args) == 0
     tool_json = tmp_path / "tool.json"

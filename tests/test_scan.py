@@ -12,8 +12,11 @@ import pytest
 from PIL import Image
 
 from cellseg_pl.__main__ import main
-from cellseg_pl.dataset import DatasetError, YoloSegDataset, load_dataset_yaml, read_image, read_label
-from cellseg_pl.scan import is_truncated, scan_split
+from cellseg_pl.data.dataset import YoloSegDataset, load_dataset_yaml, read_label
+from cellseg_pl.data.images import read_image
+from cellseg_pl.data.images import is_truncated
+from cellseg_pl.data.scan import scan_split
+from cellseg_pl.errors import DatasetError
 
 from conftest import fit_args
 
@@ -104,7 +107,7 @@ def test_every_bad_input_gets_its_documented_treatment(tmp_path, caplog):
     assert result.clipped_lines == ["labels/train/bad_lines.txt:6"]
     assert result.cells == 8 and result.background == 2 and result.missing_labels == 1
     assert result.listed == 16 and len(result.images) == 9
-    summary = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.scan"]
+    summary = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.data.scan"]
     assert len(summary) == 1
     assert summary[0].startswith(
         "train: 9 images (2 background, 1 without a label file), 8 cells; skipped: 2 corrupt images "
@@ -208,7 +211,7 @@ def test_fit_trains_through_bad_data_and_logs_the_summary(tiny_data, tmp_path, c
     label.write_text(label.read_text() + "0 0.5 0.5 0.6\n0 0.1 x 0.2 0.1 0.2 0.2\n")
     with caplog.at_level(logging.INFO, logger="cellseg_pl"):
         assert main(fit_args(yaml, tmp_path, "bad", 1)) == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.scan"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.data.scan"]
     assert len(lines) == 2 and lines[0].startswith("train: 8 images (0 background), ")
     n = len(label.read_text().splitlines())
     assert (
@@ -234,7 +237,7 @@ def test_fit_stops_before_the_first_step_on_an_unknown_class(tiny_data, tmp_path
 
 
 def test_val_image_also_in_train_is_warned_about(tiny_data, tmp_path, caplog):
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 
     yaml = demo_copy(tiny_data, tmp_path / "data")
     spec = load_dataset_yaml(yaml)

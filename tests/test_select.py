@@ -1,4 +1,4 @@
-"""Tests of cellseg_pl.select: uncertainty ranking for active learning, its outputs and its command line.
+"""Tests of cellseg_pl.infer.select: uncertainty ranking for active learning, its outputs and its command line.
 
 A trained network is not available in tests: :class:`DemoCellNet` stands in. It finds the demo images' dark cells by
 thresholding the contrast to a smoothed background and emits them as raw YOLOv8-seg head output (like
@@ -19,11 +19,12 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-import cellseg_pl.select as select_mod
-from cellseg_pl.demo import make_image
-from cellseg_pl.inference import Instance, PredictError
+import cellseg_pl.infer.select as select_mod
+from cellseg_pl.data.demo import make_image
+from cellseg_pl.infer.engine import Instance
 from cellseg_pl.__main__ import main as cellseg_main
-from cellseg_pl.select import flip_disagreement, image_uncertainty, select_images, unflip
+from cellseg_pl.errors import PredictError
+from cellseg_pl.infer.select import flip_disagreement, image_uncertainty, select_images, unflip
 
 
 class DemoCellNet(nn.Module):

@@ -1,14 +1,12 @@
-"""scripts/study_best_rule.py: the epoch a rule picks and the epoch a run stops at (no training)."""
+"""benchmarks/best_rule.py: the epoch a rule picks and the epoch a run stops at (no training)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-import study_best_rule as study  # noqa: E402
+from benchmarks import best_rule as study
 
 
 def test_pick_is_best_ckpt_and_ultralytics_early_stopping():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import cv2
 
-from cellseg_pl.dataset import finalize
-from cellseg_pl.transforms import TrainTransform
+from cellseg_pl.data.dataset import finalize
+from cellseg_pl.data.transforms import Augmentation, TrainTransform
 
 SIZE = 128
 
@@ -40,9 +40,9 @@ class ColourCells:
 
 
 def plain(**kw) -> TrainTransform:
-    base = dict(imgsz=SIZE, degrees=0.0, translate=0.0, scale=0.0, flipud=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0,
-                hsv_v=0.0, mosaic=0.0, extras=0.0)
-    return TrainTransform(**{**base, **kw})
+    base = dict(degrees=0.0, translate=0.0, scale=0.0, flipud=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0,
+                mosaic=0.0)
+    return TrainTransform(SIZE, Augmentation(**{**base, **kw}), extras=0.0)
 
 
 def owner_colours(sample: dict) -> dict[int, np.ndarray]:
@@ -125,7 +125,7 @@ def test_copy_paste_adds_cells_from_other_images_into_free_space():
 
 
 def test_close_mosaic_switches_mosaic_off_for_the_last_epochs(tiny_data):
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 
     dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, mosaic=1.0, close_mosaic=3)
     dm.set_epoch(6, max_epochs=10)
@@ -135,10 +135,10 @@ def test_close_mosaic_switches_mosaic_off_for_the_last_epochs(tiny_data):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_data):
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 
     dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, degrees=180.0, mosaic=1.0)
-    ds = dm._dataset("train", train=True)
+    ds = dm.split_dataset("train", train=True)
     a, b = ds[3], ds[3]
     assert (a["img"] == b["img"]).all() and (a["instances"] == b["instances"]).all()
     dm.set_epoch(1, max_epochs=100)
@@ -147,7 +147,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_data):
 
 
 def test_mosaic_builds_only_the_visible_canvas_and_warps_it_exactly_as_the_whole_canvas():
-    from cellseg_pl.transforms import affine_matrix, mosaic_canvas, visible_region, warp
+    from cellseg_pl.data.transforms import affine_matrix, mosaic_canvas, visible_region, warp
 
     ds = ColourCells()
     for seed in range(6):
@@ -186,7 +186,7 @@ def test_flip_copy_paste_pastes_what_ultralytics_pastes(fraction):
     from ultralytics.data.augment import CopyPaste
     from ultralytics.utils.instance import Instances
 
-    from cellseg_pl.transforms import flip_copy_paste
+    from cellseg_pl.data.transforms import flip_copy_paste
 
     # cells whose mirror image lands on background, on a cell (overlap > 30 %), half on a cell, and on itself
     discs = [(20, 20, 8), (30, 70, 10), (100, 70, 9), (60, 110, 7), (85, 25, 9), (40, 100, 6)]
@@ -240,13 +240,13 @@ def test_close_mosaic_also_turns_copy_paste_and_mixup_off(tiny_data, mode, caplo
     """As Ultralytics' ``close_mosaic`` (mosaic, copy_paste, mixup = 0): the last epochs train on plain images."""
     import logging
 
-    from cellseg_pl.datamodule import CellSegDataModule
+    from cellseg_pl.data.datamodule import CellSegDataModule
 
-    caplog.set_level(logging.INFO, logger="cellseg_pl.datamodule")
+    caplog.set_level(logging.INFO, logger="cellseg_pl.data.datamodule")
     dm = CellSegDataModule(str(tiny_data), imgsz=128, batch_size=2, num_workers=0, mosaic=0.0, copy_paste=1.0,
                            copy_paste_mode=mode, mixup=1.0, close_mosaic=2, degrees=0.0, translate=0.0, scale=0.0,
                            fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
-    ds = dm._dataset("train", train=True)
+    ds = dm.split_dataset("train", train=True)
 
     def cells(epoch: int) -> list[int]:
         dm.set_epoch(epoch, 5)
@@ -257,5 +257,5 @@ def test_close_mosaic_also_turns_copy_paste_and_mixup_off(tiny_data, mode, caplo
     plain = [len(ds.load(i)["classes"]) for i in range(len(ds))]
     assert sum(cells(0)) > sum(plain)  # pasted and mixed cells while mixing is on
     assert cells(3) == plain  # none in the close_mosaic epochs
-    said = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.datamodule"]
+    said = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.data.datamodule"]
     assert said == ["copy_paste, mixup off (close_mosaic) from epoch 4"]

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from cellseg_pl.__main__ import main as cellseg_main
-from cellseg_pl.yolo_arg_table import TABLE, YoloArgError
-from cellseg_pl.yolo_args import GUIDE_STEP3, markdown_table, main, to_cli_args
+from cellseg_pl.errors import YoloArgError
+from cellseg_pl.train.yolo_arg_table import TABLE
+from cellseg_pl.train.yolo_args import GUIDE_STEP3, markdown_table, main, to_cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,9 +234,9 @@ def test_resume(tmp_path):
 
 
 def test_readme_table_is_generated_from_the_table():
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "README table is stale: paste cellseg_pl.yolo_args.markdown_table()"
-    assert "python scripts/train_yolov8.py segment train" in readme
+    doc = (ROOT / "docs" / "yolo-args.md").read_text()
+    assert markdown_table() in doc, "docs/yolo-args.md table is stale: paste cellseg_pl.train.yolo_args.markdown_table()"
+    assert "python scripts/train_yolov8.py segment train" in doc
 
 
 def test_script_help(capsys, monkeypatch):
