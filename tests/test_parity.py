@@ -158,11 +158,14 @@ def test_train_samples_carry_what_ultralytics_samples_carry(stats_data, mosaic, 
 
 
 # ------------------------------------------------------------------------------------------ mask targets
-def test_mask_targets_agree_with_ultralytics_and_sit_closer_to_the_polygons():
+def test_mask_targets_agree_with_ultralytics():
     """Our 1/4-resolution targets vs ``polygons2masks_overlap`` for the same polygons, per instance.
 
-    The reference is the ideal target: a mask pixel is in when its centre is inside the polygon. Ultralytics
-    truncates vertices to whole pixels (a shift of up to 1 px to the top-left) before drawing, ours keeps 1/16 px.
+    Both resize each instance's full-resolution mask with linear interpolation (the loss trains masks towards that
+    size, slightly larger than the polygon). Ultralytics truncates vertices to whole pixels (a shift of up to 1 px to
+    the top-left) before drawing, ours keeps 1/16 px; that shift is what still tells them apart. (The "ideal" targets
+    of a pixel-centre test, which matched the polygons better, trained worse: see
+    :func:`cellseg_pl.data.dataset.mask_targets`.)
     """
     import cv2
     from ultralytics.data.utils import polygons2masks_overlap
@@ -185,21 +188,19 @@ def test_mask_targets_agree_with_ultralytics_and_sit_closer_to_the_polygons():
                        "ratio_pad": (1.0, (0, 0))})
     ours = Collate(ratio)([sample])["masks"][0].numpy()
     theirs, index = polygons2masks_overlap((size, size), [p.reshape(-1) for p in polys], downsample_ratio=ratio)
-    centres = np.arange(size // ratio) * ratio + ratio / 2
 
     def iou(a, b):
         return (a & b).sum() / max((a | b).sum(), 1)
 
     rows = []
     for k, poly in enumerate(polys):
-        ideal = np.array([[cv2.pointPolygonTest(poly, (float(x), float(y)), False) >= 0 for x in centres]
-                          for y in centres])
         a = ours == int(np.nonzero(order == k)[0][0]) + 1
         b = theirs == int(np.nonzero(index == k)[0][0]) + 1
-        rows.append((cv2.contourArea(poly), iou(a, b), iou(a, ideal), iou(b, ideal)))
+        rows.append((cv2.contourArea(poly), iou(a, b)))
     rows = np.array(rows)
     small = rows[:, 0] < 100
     assert small.sum() >= 5
-    # measured: under 100 px, ours vs theirs 0.89 mean IoU; vs the ideal target ours 0.84, theirs 0.75
-    assert rows[small, 1].mean() > 0.85 and rows[~small, 1].mean() > 0.9
-    assert rows[small, 2].mean() > rows[small, 3].mean() and rows[~small, 2].mean() > rows[~small, 3].mean()
+    # measured: ours vs theirs 0.80 mean IoU under 100 px (the 1/4-px truncation shift weighs most there), 0.91 above;
+    # in all, our targets hold 0.995 of their pixels
+    assert rows[small, 1].mean() > 0.75 and rows[~small, 1].mean() > 0.88
+    assert 0.97 < (ours > 0).sum() / (theirs > 0).sum() < 1.03
