@@ -85,10 +85,26 @@ def error_line(err: BaseException, args: dict[str, Any] | None = None, output: s
         return f"--device {args.get('device')}: out of GPU memory; lower --batch-size or --imgsz", 2
     if output is not None and isinstance(err, OSError):
         where = args.get(output) if args else output
+        blocker = _file_in_the_way(err, where)
+        if blocker is not None:
+            flag = f"--{output.replace('_', '-')}"
+            return (f"{flag} {where}: {blocker} is a file, not a folder; choose an {flag} outside it, or move the "
+                    f"file away"), 2
         if err.filename and not os.path.basename(str(err.filename)).startswith("."):  # hidden: our staging names
             where = err.filename
         return f"{where}: {err.strerror or err}; check the path, permissions and free space", 2
     raise err
+
+
+def _file_in_the_way(err: OSError, output: Any) -> Path | None:
+    """The file that stands where a folder of the output's path must be (``mkdir`` then says "File exists",
+    ``open`` "Not a directory"), or None."""
+    if not isinstance(err, (FileExistsError, NotADirectoryError)) or not output:
+        return None
+    for folder in Path(str(output)).parents:
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
 
 
 def report_error(err: BaseException, args: dict[str, Any] | None = None, output: str | None = None) -> int:

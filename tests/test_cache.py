@@ -65,3 +65,83 @@ def test_disk_cache_is_reused_and_renewed_when_an_image_changes(tiny_data, tmp_p
 def test_unknown_cache_mode_names_the_flag(tiny_data):
     with pytest.raises(ValueError, match="--data.cache"):
         CellSegDataModule(str(tiny_data), cache="gpu")
+
+
+def _local_images(tiny_data, tmp_path, n: int = 4) -> list:
+    import shutil
+
+    from cellseg_pl.data.dataset import load_dataset_yaml
+
+    local = []
+    for p in load_dataset_yaml(tiny_data).splits["train"][:n]:  # copies, so the shared fixture is not touched
+        shutil.copy(p, tmp_path / p.name)
+        local.append(tmp_path / p.name)
+    return local
+
+
+def test_damaged_disk_entries_are_logged_once_and_written_again(tiny_data, tmp_path, caplog):
+    from cellseg_pl.data.images import load_resized
+
+    local = _local_images(tiny_data, tmp_path)
+    ImageCache(local, 128, "disk", tmp_path / "c")
+    files = sorted((tmp_path / "c").rglob("*.npz"))
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[:1000])  # truncated
+    data = bytearray(files[1].read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 31] = b"\xff" * 31  # 31 bytes overwritten in the middle: a bad CRC
+    files[1].write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="cellseg_pl.data.cache"):
+        cache = ImageCache(local, 128, "disk", tmp_path / "c")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("cache: 2 damaged entries of train in ")
+    for i, path in enumerate(local):  # every entry reads back as the decoded image
+        np.testing.assert_array_equal(cache.get(i)[0], load_resized(path, 128)[0])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cellseg_pl.data.cache"):
+        ImageCache(local, 128, "disk", tmp_path / "c")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # healed for good
+
+
+def test_an_entry_damaged_during_the_run_is_decoded_instead(tiny_data, tmp_path, caplog):
+    local = _local_images(tiny_data, tmp_path, 2)
+    cache = ImageCache(local, 128, "disk", tmp_path / "c")
+    for f in (tmp_path / "c").rglob("*.npz"):
+        f.write_bytes(b"PK\x03\x04 not a zip any more")
+    with caplog.at_level(logging.WARNING, logger="cellseg_pl.data.cache"):
+        assert cache.get(0) is None and cache.get(1) is None  # the dataset decodes the image itself
+    assert len(caplog.records) == 1 and "no longer reads back" in caplog.records[0].getMessage()
+
+
+def test_half_written_entries_of_killed_runs_are_removed(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    local = _local_images(tiny_data, tmp_path, 1)
+    root = tmp_path / "c" / "imgsz128"
+    root.mkdir(parents=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    key = "a" * 40
+    stale = [root / f".{key}.npz.partial-{dead}-3", root / f"{key}.partial-{dead}-3"]  # this scheme, the old one
+    live = root / f".{key}.npz.partial-{os.getpid()}-3"  # a run still filling it
+    for path in (*stale, live):
+        path.write_bytes(b"half")
+    ImageCache(local, 128, "disk", tmp_path / "c")
+    assert not any(p.exists() for p in stale) and live.exists()
+
+
+def test_an_unwritable_cache_costs_one_line_and_training_goes_on(tiny_data, tmp_path, caplog, monkeypatch):
+    import errno
+
+    local = _local_images(tiny_data, tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with caplog.at_level(logging.INFO, logger="cellseg_pl.data.cache"):
+        cache = ImageCache(local, 128, "disk", tmp_path / "c")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cannot write 4 of 4 entries" in warnings[0] and "No space left" in warnings[0]
+    assert all(cache.get(i) is None for i in range(4))  # decoded each time
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # nothing half-written left

@@ -189,6 +189,16 @@ def test_refuses_non_finite_weights(built, tmp_path, capsys, key, value):
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
+def test_a_file_where_the_output_folder_must_be_is_named(built, tmp_path, capsys):
+    (tmp_path / "f").write_text("notes")
+    for out in (tmp_path / "f" / "m.pt", tmp_path / "f" / "deeper" / "m.pt"):
+        assert main(["export", "--ckpt", str(built["ckpt"]), "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --output {out}: {tmp_path / 'f'} is a file, not a folder; choose an --output outside "
+                       f"it, or move the file away"]
+    assert (tmp_path / "f").read_text() == "notes"
+
+
 def test_failed_write_leaves_nothing(built, tmp_path, capsys, monkeypatch):
     def broken_save(net, path, *args, **kwargs):
         Path(path).write_bytes(b"half a model")

@@ -390,6 +390,8 @@ def test_bad_inputs_give_one_error_line(weights, cells, tmp_path, capsys):
         (["--model", pt, "--images", empty, "--output", out], ["empty", "no images"]),
         (["--model", pt, "--images", root, "--output", tmp_path / "exists.json"], ["exists.json", "--overwrite"]),
         (["--model", pt, "--images", root, "--output", tmp_path], ["is a folder"]),
+        (["--model", pt, "--images", root, "--output", tmp_path / "exists.json" / "p.json"],
+         ["--output", "exists.json is a file, not a folder"]),
         (["--model", pt, "--images", root, "--output", out, "--device", "tpu"], ["--device", "tpu"]),
         (["--model", pt, "--images", root, "--output", out, "--imgsz", 250], ["--imgsz", "250"]),
         (["--model", pt, "--images", root, "--output", out, "--conf", 2], ["--conf"]),

@@ -12,6 +12,11 @@ Modes (Ultralytics' names):
   the processes of this node) the run goes on without a cache and says so in one log line.
 * ``disk``: ``.npz`` arrays in ``<dataset folder>/.cellseg_cache/<imgsz>/``, named by a hash of the image's path,
   size, modification time and ``imgsz`` (a changed image gets a new entry); read back in well under a millisecond.
+  The disk cache heals itself: an entry that does not read back whole (a full disk, a folder copied in part) is
+  written again, once per run, with one log line per split; one damaged later is decoded instead; the half-written
+  files of a killed run are removed; a folder that cannot be written costs one log line and training goes on
+  without those entries. An image replaced by another of the same size and modification time keeps its entry:
+  clear ``.cellseg_cache/`` after such a copy.
 * ``auto`` (default): ``ram`` when it fits the budget, else no cache.
 * ``none``: decode every time.
 
@@ -24,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,11 +38,13 @@ import numpy as np
 
 from cellseg_pl.data.images import load_resized
 from cellseg_pl.errors import DatasetError, UsageError
-from cellseg_pl.files import partial_path
+from cellseg_pl.files import partial_path, pid_alive, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "ram", "disk", "auto")
+#: Half-written entries of versions before the one naming scheme of :mod:`cellseg_pl.files`.
+_OLD_PARTIAL = re.compile(r"^[0-9a-f]{40}\.partial-(?P<pid>\d+)-\d+$")
 
 
 def available_memory() -> int:
@@ -105,9 +114,26 @@ class ImageCache:
         except OSError as e:
             log.warning("cache: cannot write the disk cache %s (%s); decoding each time", root, e.strerror or e)
             return
+        remove_stale_partials(root, ".npz", "a killed run filling the cache")
+        for entry in root.iterdir():
+            old = _OLD_PARTIAL.match(entry.name)
+            if old and entry.is_file() and not pid_alive(int(old["pid"])):
+                entry.unlink(missing_ok=True)
+        self._lock = threading.Lock()
+        self._damaged: list[Path] = []
+        self._unwritable: list[tuple[Path, str]] = []
         self._files = self._fill(lambda i: self._to_disk(i, root))
+        self._lock = None  # (the loader workers get a copy of this object: nothing left to lock)
         self.mode = "disk"
+        if self._damaged:
+            log.warning("cache: %d damaged entries of %s in %s (e.g. %s) written again", len(self._damaged), split,
+                        root, self._damaged[0].name)
+        if self._unwritable:
+            path, why = self._unwritable[0]
+            log.warning("cache: cannot write %d of %d entries of %s in %s (%s: %s); those images are decoded each "
+                        "time", len(self._unwritable), len(self.images), split, root, path.name, why)
         log.info("cache: %d images of %s on disk in %s", sum(f is not None for f in self._files), split, root)
+        self._warned = False
 
     def _fill(self, fn) -> list:
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # OpenCV decodes without the GIL
@@ -128,7 +154,10 @@ class ImageCache:
         key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.imgsz}".encode()).hexdigest()
         target = root / f"{key}.npz"
         if target.exists():
-            return target
+            if _read(target) is not None:
+                return target
+            with self._lock:
+                self._damaged.append(target)
         decoded = self._decode(index)
         if decoded is None:
             return None
@@ -139,7 +168,8 @@ class ImageCache:
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            log.warning("cache: cannot write %s (%s)", target, e.strerror or e)
+            with self._lock:
+                self._unwritable.append((target, str(e.strerror or e)))
             return None
         return target
 
@@ -149,9 +179,21 @@ class ImageCache:
         if self._ram is not None:
             return self._ram[index]
         if self._files is not None and self._files[index] is not None:
-            try:
-                with np.load(self._files[index]) as z:
-                    return z["image"], tuple(int(v) for v in z["shape"])
-            except (OSError, ValueError, KeyError):
-                return None
+            got = _read(self._files[index])
+            if got is None:  # damaged since the run started: decoded instead (it is written again next run)
+                if not self._warned:
+                    log.warning("cache: %s no longer reads back; decoding such images instead", self._files[index])
+                    self._warned = True
+                self._files[index] = None
+            return got
+        return None
+
+
+def _read(path: Path) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """A disk entry's ``(image, (h0, w0))``, or None when it does not read back whole (any damage: a truncated or
+    overwritten zip, a wrong CRC, a missing array)."""
+    try:
+        with np.load(path) as z:
+            return z["image"], tuple(int(v) for v in z["shape"])
+    except Exception:  # noqa: BLE001 - zipfile, zlib and numpy each raise their own kind of damage
         return None
