@@ -126,3 +126,58 @@ def test_sparse_images_take_ultralytics_path_dense_ones_the_chunked_one(tmp_path
     parts = attach_loss(net, chunked_mask_loss=True)(preds, batch)[1]
     assert len(calls) == 1 and calls[0] > 200  # only the dense image went through the chunked loss
     torch.testing.assert_close(parts["seg_loss"], reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("yaml", ["yolo11n-seg.yaml", "yolo12n-seg.yaml"])
+def test_yolo11_and_yolo12_seg_train_a_step(yaml, tmp_path):
+    batch = Collate(4)(dense_batch(tmp_path, n_cells=8, size=64, images=2))
+    batch["img"] = batch["img"].float() / 255
+    net = build_network(yaml, 1)
+    loss, parts = attach_loss(net)(net(batch["img"]), batch)
+    assert torch.isfinite(loss) and float(loss) > 0
+    loss.backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("yaml, what", [
+    ("yolo26n-seg.yaml", "another head (Segment26"),
+    ("yolov8n.yaml", "a detection model (Detect)"),
+    ("yolo26n-pose.yaml", "a pose model (Pose26)"),
+    ("yolov8n-cls.yaml", "a classification model (Classify)"),
+    ("yoloe-11s-seg.yaml", "does not build as a segmentation model"),
+])  # fmt: skip
+def test_models_we_do_not_train_are_one_line_naming_the_flag(yaml, what):
+    from cellseg_pl.errors import ModelError
+
+    with pytest.raises(ModelError) as err:
+        build_network(yaml, 1)
+    message = str(err.value)
+    assert message.startswith(f"--model.model: {yaml} ") and what in message and "\n" not in message
+    assert "cellseg_pl trains YOLOv8, YOLO11 and YOLO12 -seg models" in message
+
+
+def test_a_detection_pt_is_refused_by_predict_and_fine_tuning(tmp_path):
+    from ultralytics.nn.tasks import DetectionModel
+
+    from cellseg_pl.errors import ModelError
+    from cellseg_pl.yolo.network import load_weights, save_ultralytics_checkpoint
+
+    pt = tmp_path / "detector.pt"
+    save_ultralytics_checkpoint(DetectionModel("yolov8n.yaml", nc=1, verbose=False), pt, {0: "cell"})
+    with pytest.raises(ModelError, match=r"--model: .*detector.pt is a DetectionModel, not a segmentation model"):
+        load_weights(pt, flag="--model")
+    with pytest.raises(ModelError, match=r"--model.model: .*detector.pt is a DetectionModel, not a segmentation"):
+        build_network(str(pt), 1)
+
+
+def test_a_yolo26_pt_is_refused_with_one_line(tmp_path):
+    from ultralytics.nn.tasks import SegmentationModel
+
+    from cellseg_pl.errors import ModelError
+    from cellseg_pl.yolo.network import load_weights, save_ultralytics_checkpoint
+
+    pt = tmp_path / "yolo26n-seg.pt"
+    save_ultralytics_checkpoint(SegmentationModel("yolo26n-seg.yaml", nc=1, verbose=False), pt, {0: "cell"})
+    with pytest.raises(ModelError, match=r"^--model: .*yolo26n-seg.pt is a segmentation model with another head "
+                                         r"\(Segment26"):
+        load_weights(pt, flag="--model")

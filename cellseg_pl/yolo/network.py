@@ -45,12 +45,40 @@ def _from_yaml(name: str, num_classes: int) -> nn.Module:
             f"--model.model: {name} is neither a model yaml (e.g. yolov8n-seg.yaml) nor an Ultralytics .pt file"
         )
     try:
-        return SegmentationModel(str(name), nc=num_classes, verbose=False)
+        return check_family(SegmentationModel(str(name), nc=num_classes, verbose=False), name)
     except FileNotFoundError:
         raise ModelError(
             f"--model.model: {name} is not a file and not an Ultralytics model config; use e.g. yolov8n-seg.yaml "
             f"or yolov8s-seg.yaml"
         ) from None
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config Ultralytics cannot build as a segmentation model
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"--model.model: {name} does not build as a segmentation model ({detail}); cellseg_pl "
+                         f"trains {FAMILIES}") from None
+
+
+#: The model families cellseg_pl trains: their segmentation head is Ultralytics' ``Segment`` (YOLOv8, YOLO11, YOLO12).
+FAMILIES = "YOLOv8, YOLO11 and YOLO12 -seg models (e.g. yolov8n-seg.yaml, yolo11s-seg.yaml, yolo12n-seg.yaml)"
+
+
+def check_family(net: nn.Module, model: Any, flag: str | None = "--model.model") -> nn.Module:
+    """``net`` itself when cellseg_pl trains its family, else one :class:`ModelError` line naming what it is."""
+    from ultralytics.nn.modules.head import Segment
+
+    head = net.model[-1] if hasattr(net, "model") and len(net.model) else None
+    kind = type(head).__name__ if head is not None else type(net).__name__
+    if type(head) is Segment:
+        return net
+    if isinstance(head, Segment):  # YOLO26's end-to-end Segment26, YOLOE's open-vocabulary heads
+        what = f"a segmentation model with another head ({kind}, with its own loss), which cellseg_pl does not train yet"
+    else:
+        task = {"Detect": "detection", "Pose": "pose", "OBB": "oriented-box", "Classify": "classification"}
+        base = next((task[c.__name__] for c in type(head).__mro__ if c.__name__ in task), None)
+        article = "an" if base and base[0] in "aeiou" else "a"
+        what = f"{article} {base} model ({kind}), not a segmentation model" if base else f"not a model we train ({kind})"
+    raise _error(flag, f"{model} is {what}; cellseg_pl trains {FAMILIES}")
 
 
 def _error(flag: str | None, message: str) -> ModelError:
@@ -144,7 +172,8 @@ def load_ultralytics_checkpoint(path: str | Path, flag: str | None = None) -> di
     from ultralytics.nn.tasks import SegmentationModel
 
     if not isinstance(net, SegmentationModel):
-        raise _error(flag, f"{path} is a {type(net).__name__}, not a segmentation model (-seg)")
+        raise _error(flag, f"{path} is a {type(net).__name__}, not a segmentation model; cellseg_pl trains {FAMILIES}")
+    check_family(net, path, flag)
     return ckpt
 
 
