@@ -158,6 +158,39 @@ def test_early_stopping_waits_while_nothing_is_found_yet_as_ultralytics():
     assert [plain._evaluate_stopping_criteria(torch.tensor(v))[0] for v in (0.0, 0.0, 0.0)] == [False, False, True]
 
 
+def test_early_stopping_counts_only_epochs_in_which_the_optimizer_stepped():
+    from types import SimpleNamespace
+
+    def run(stopper, steps, fitness):
+        """The epoch (1-based) at which ``stopper`` stops a run with these per-epoch last steps and fitness."""
+        for epoch, (step, f) in enumerate(zip(steps, fitness), start=1):
+            trainer = SimpleNamespace(
+                fast_dev_run=False, callback_metrics={"fitness": torch.tensor(f)}, should_stop=False,
+                current_epoch=epoch - 1, strategy=SimpleNamespace(reduce_boolean_decision=lambda x, all: x),
+                lightning_module=SimpleNamespace(recipe=SimpleNamespace(last_opt_step=step)),
+            )  # fmt: skip
+            stopper._run_early_stopping_check(trainer)
+            if trainer.should_stop:
+                return epoch
+        return None
+
+    # 5 batches an epoch, a step every 16 batches: the weights change in 1 epoch of 3 (or 4)
+    steps = [b // 16 * 16 - 1 for b in range(5, 5 * 61, 5)]
+    # each new set of weights is validated alike until the next step; the best is at the 3rd step, then it drifts
+    per_step = {s: f for s, f in zip(sorted(set(steps)), [0.1, 0.2, 0.5] + [0.3] * 40)}
+    fitness = [per_step[s] for s in steps]
+    ours = FitnessEarlyStopping(monitor="fitness", mode="max", patience=4)
+    stopped = run(ours, steps, fitness)
+    changes = [e for e in range(1, len(steps)) if steps[e] != steps[e - 1]]  # 0-based epochs with new weights
+    best_epoch = changes[1] + 1  # 1-based epoch that first validated the best weights
+    assert stopped == changes[changes.index(best_epoch - 1) + 4] + 1  # 4 epochs with new weights after the best
+    assert run(FitnessEarlyStopping(monitor="fitness", mode="max", patience=4), [None] * 60, fitness) == best_epoch + 4
+    state = ours.state_dict()  # resume keeps which weights were last checked
+    again = FitnessEarlyStopping(monitor="fitness", mode="max", patience=4)
+    again.load_state_dict(state)
+    assert again.last_step_seen == ours.last_step_seen == steps[stopped - 1]
+
+
 def test_console_report_lines_best_epoch_and_summary(tmp_path, caplog):
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
