@@ -5,8 +5,9 @@
 
 For each seed, cellseg_pl trains once on ``real_cells.py``'s data with that preset, without early stopping,
 and keeps every epoch's weights (the EMA, float32). Training is deterministic and does not depend on the rule, so
-one run serves every rule: for each rule, the epoch it would pick with the preset's patience (Ultralytics' early
-stopping, with its zero-fitness start) is read off the run's ``results.csv`` (validation split), and those weights
+one run serves every rule: for each rule, the epoch it would pick with the preset's patience (cellseg_pl's early
+stopping: Ultralytics' with its zero-fitness start, counting only epochs with an optimizer step) is read off the
+run's ``results.csv`` (validation split), and those weights
 (and the epoch the run would have stopped at, ``last``) are scored on the test split by the benchmark's one
 evaluator. ``--test-every N`` also scores every N-th epoch, the test curve the rules try to follow.
 
@@ -48,23 +49,39 @@ RULES = {
 SCORED = (("F1@0.5", "F1 @ 0.25"), ("best_F1", "best F1"), ("mAP50-95(M)", "mask mAP50-95"))
 
 
-def pick(scores: list[float], patience: int | None) -> tuple[int, int]:
+def pick(scores: list[float], patience: int | None, stepped: list[bool] | None = None) -> tuple[int, int]:
     """``(best epoch, last epoch)`` (1-based) of a run whose per-epoch scores are ``scores``.
 
     Best: the first epoch of the highest score so far (a later one must be strictly higher, as ``best.ckpt``).
-    Stop: Ultralytics' early stopping (an epoch whose score is higher, or any epoch while the best is still 0,
-    restarts the count; the run stops ``patience`` epochs after the last restart); ``None``: never.
+    Stop: cellseg_pl's early stopping (``FitnessEarlyStopping``): Ultralytics' rule (an epoch whose score is higher,
+    or any epoch while the best is still 0, restarts the count; the run stops ``patience`` counted epochs after the
+    last restart), counting only the epochs in which the optimizer stepped (``stepped``; all when ``None``: then it
+    is Ultralytics' rule exactly); ``patience`` ``None``: never.
     """
+    stepped = stepped or [True] * len(scores)
     best_epoch, best = 1, scores[0]
-    restart, restart_best = 1, scores[0]
-    for epoch, score in enumerate(scores, start=1):
+    restart_best, waited = scores[0], 0
+    for epoch, (score, step) in enumerate(zip(scores, stepped), start=1):
         if score > best:
             best, best_epoch = score, epoch
+        if epoch == 1 or not step:
+            continue  # (the first epoch sets the mark; an epoch without a step validates the same weights again)
         if score > restart_best or restart_best == 0:
-            restart, restart_best = epoch, score
-        if patience is not None and epoch - restart >= patience:
+            restart_best, waited = score, 0
+        else:
+            waited += 1
+        if patience is not None and waited >= patience:
             return best_epoch, epoch
     return best_epoch, len(scores)
+
+
+def stepped_epochs(rows: list[dict[str, float]]) -> list[bool]:
+    """Whether the optimizer stepped in each epoch of ``results.csv``: without a step the same weights are validated
+    again, and every validation loss and metric repeats the previous epoch's to the last digit."""
+    def validation(row: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in row.items() if k.startswith(("val/", "metrics/"))}
+
+    return [i == 0 or validation(r) != validation(rows[i - 1]) for i, r in enumerate(rows)]
 
 
 def read_results(path: Path) -> list[dict[str, float]]:
@@ -134,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_results(run / "results.csv")
         cache: dict[int, dict] = {}
         for name, rule in RULES.items():
-            best, last = pick([rule(r) for r in rows], a.patience)
+            best, last = pick([rule(r) for r in rows], a.patience, stepped_epochs(rows))
             for key, epoch in ((name, best), (f"{name} (last)", last)):
                 picks[key].append({"seed": seed, "epoch": epoch, **score(run, epoch, data, a.imgsz, cache)})
             print(f"seed {seed} {name}: best epoch {best} -> test F1 {cache[best]['F1@0.5']:.3f}, best F1 "

@@ -17,6 +17,18 @@ def test_pick_is_best_ckpt_and_ultralytics_early_stopping():
     assert study.pick([0.3, 0.2, 0.1], 1) == (1, 2)
 
 
+def test_epochs_without_an_optimizer_step_are_not_counted():
+    scores = [0.1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]
+    assert study.pick(scores, 2) == (2, 4)
+    # a step every other epoch (fewer images than the nominal batch): the same weights are validated twice
+    stepped = [True, True, False, True, False, True, False]
+    assert study.pick(scores, 2, stepped) == (2, 6)
+    rows = [{"train/box_loss": 1.0, "val/box_loss": 2.0, "metrics/mAP50(M)": 0.1},
+            {"train/box_loss": 0.9, "val/box_loss": 2.0, "metrics/mAP50(M)": 0.1},  # same weights validated again
+            {"train/box_loss": 0.8, "val/box_loss": 1.9, "metrics/mAP50(M)": 0.1}]
+    assert study.stepped_epochs(rows) == [True, False, True]
+
+
 def test_rules_read_results_csv_columns():
     row = {"metrics/mAP50(M)": 0.9, "metrics/mAP50-95(M)": 0.6, "metrics/mAP50-95(B)": 0.5, "metrics/F1(M)": 0.8}
     assert study.RULES["mask 0.1/0.9"](row) == 0.1 * 0.9 + 0.9 * 0.6
