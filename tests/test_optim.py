@@ -111,13 +111,50 @@ def test_auto_short_run_matches_ultralytics(nc):
 
 
 def test_auto_long_run_and_explicit_names():
-    # over 10,000 iterations Ultralytics picks ("MuSGD", 0.01, 0.9); the closest standard optimizer keeps lr/momentum
-    assert resolve_optimizer("auto", 0.123, 0.937, 1, 10001) == ("SGD", 0.01, 0.9)
+    from cellseg_pl.yolo.network import build_network
+
+    fake = trainer_self(nc=1, lr0=0.123)  # (Ultralytics' MuSGD groups read the head: a real network)
+    theirs = BaseTrainer.build_optimizer(fake, build_network("yolov8n-seg.yaml", 1), "auto", lr=0.123,
+                                         momentum=0.937, iterations=10001)
+    assert resolve_optimizer("auto", 0.123, 0.937, 1, 10001) == (type(theirs).__name__, 0.01, 0.9) == ("MuSGD", 0.01, 0.9)
     assert resolve_optimizer("auto", 0.123, 0.937, 1, 10000)[0] == "AdamW"  # (">", as Ultralytics)
     assert resolve_optimizer("adamw", 0.003, 0.95, 1, 10**6) == ("AdamW", 0.003, 0.95)  # case-insensitive, kept
-    assert set(OPTIMIZERS) == {"SGD", "Adam", "AdamW", "auto"}
-    with pytest.raises(ValueError, match=r"^--model\.optimizer: 'RMSprop' is not one of SGD, Adam, AdamW, auto$"):
+    assert resolve_optimizer("musgd", 0.003, 0.95, 1, 10) == ("MuSGD", 0.003, 0.95)
+    assert set(OPTIMIZERS) == {"SGD", "Adam", "AdamW", "MuSGD", "auto"}
+    with pytest.raises(ValueError, match=r"^--model\.optimizer: 'RMSprop' is not one of SGD, Adam, AdamW, MuSGD, auto$"):
         resolve_optimizer("RMSprop", 0.01, 0.9, 1, 100)
+
+
+@pytest.mark.parametrize("yaml", ["yolov8n-seg.yaml", "yolo26n-seg.yaml"])
+def test_musgd_groups_and_steps_match_ultralytics(yaml):
+    """MuSGD as Ultralytics 8.4 builds it (8 groups, class heads and YOLO26's semantic branch at 3x lr), and the
+    same weights after warmed-up steps on the same gradients."""
+    from cellseg_pl.yolo.network import build_network
+
+    torch.manual_seed(0)
+    net = build_network(yaml, 1)
+    twin = deepcopy(net)
+    ours = build_optimizer(net, "MuSGD", lr=0.01, momentum=0.9, weight_decay=0.0005)
+    theirs = BaseTrainer.build_optimizer(trainer_self(), twin, "MuSGD", lr=0.01, momentum=0.9, decay=0.0005)
+    assert type(ours) is type(theirs) and (ours.muon, ours.sgd) == (theirs.muon, theirs.sgd) == (0.2, 1.0)
+    assert len(ours.param_groups) == len(theirs.param_groups) == 8
+    names = {id(p): n for n, p in net.named_parameters()} | {id(p): n for n, p in twin.named_parameters()}
+    for a, b in zip(ours.param_groups, theirs.param_groups):
+        assert [names[id(p)] for p in a["params"]] == [names[id(p)] for p in b["params"]]
+        for key in ("lr", "weight_decay", "param_group", "momentum", "nesterov", "use_muon"):
+            assert a.get(key) == b.get(key), (a["param_group"], key)
+        assert a["initial_lr"] == a["lr"]
+    boosted = [g for g in ours.param_groups if g["lr"] == 0.03]
+    assert sum(len(g["params"]) for g in boosted) > 0
+    if "26" in yaml:
+        assert any("proto.semseg" in names[id(p)] for g in boosted for p in g["params"])
+    for step in range(3):
+        for a, b in zip(net.parameters(), twin.parameters()):
+            a.grad = b.grad = torch.randn_like(a) * 0.01
+        ours.step()
+        theirs.step()
+    for (n, a), b in zip(net.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
 # ---------------------------------------------------------------------------------------------- schedule

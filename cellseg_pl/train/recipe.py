@@ -19,15 +19,18 @@ from cellseg_pl.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-#: Optimizers cellseg_pl builds (Ultralytics also has Adamax, NAdam, RAdam, RMSProp, MuSGD).
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "auto")
+#: Optimizers cellseg_pl builds (Ultralytics also has Adamax, NAdam, RAdam, RMSProp).
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "MuSGD", "auto")
+
+#: MuSGD's weights of its Muon and SGD updates on the matrix and filter groups (Ultralytics 8.4's ``build_optimizer``).
+MUSGD_MUON, MUSGD_SGD = 0.2, 1.0
 
 
 def resolve_optimizer(name: str, lr0: float, momentum: float, num_classes: int, iterations: float) -> tuple[str, float, float]:
-    """Ultralytics' ``optimizer=auto`` rule: AdamW with a class-count-fitted lr for short runs, SGD for long ones.
+    """Ultralytics' ``optimizer=auto`` rule: AdamW with a class-count-fitted lr for short runs, MuSGD for long ones.
 
     Args:
-        name: ``SGD``, ``Adam``, ``AdamW`` or ``auto`` (case-insensitive).
+        name: ``SGD``, ``Adam``, ``AdamW``, ``MuSGD`` or ``auto`` (case-insensitive).
         lr0: the configured initial lr (ignored by ``auto``, as in Ultralytics).
         momentum: the configured momentum (``auto`` uses 0.9).
         num_classes: number of classes.
@@ -41,9 +44,8 @@ def resolve_optimizer(name: str, lr0: float, momentum: float, num_classes: int, 
         raise UsageError(f"--model.optimizer: '{name}' is not one of {', '.join(OPTIMIZERS)}")
     if canonical != "auto":
         return canonical, lr0, momentum
-    if iterations > 10000:
-        # Ultralytics 8.4 picks its own MuSGD here; plain SGD with the same lr is the closest standard optimizer.
-        return "SGD", 0.01, 0.9
+    if iterations > 10000:  # (Ultralytics 8.4 picks MuSGD for every model family)
+        return "MuSGD", 0.01, 0.9
     return "AdamW", round(0.002 * 5 / (4 + num_classes), 6), 0.9
 
 
@@ -69,7 +71,10 @@ def build_optimizer(
     """The optimizer over Ultralytics' groups: pg0 weights (decayed), pg1 norm weights, pg2 biases.
 
     Each group carries ``initial_lr`` (the lr the schedule scales) and ``param_group`` (``weight``/``bn``/``bias``).
+    MuSGD has eight groups instead (:func:`build_musgd`).
     """
+    if name == "MuSGD":
+        return build_musgd(model, lr, momentum, weight_decay)
     decay, norm, bias = param_groups(model)
     if name in ("Adam", "AdamW"):
         args = {"lr": lr, "betas": (momentum, 0.999), "weight_decay": 0.0}
@@ -87,6 +92,47 @@ def build_optimizer(
         "optimizer: %s(lr=%g, momentum=%g) with %d weight(decay=0.0), %d weight(decay=%g), %d bias(decay=0.0)",
         name, lr, momentum, len(norm), len(decay), weight_decay, len(bias),
     )
+    return optimizer
+
+
+def build_musgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Ultralytics 8.4's MuSGD with its groups: every matrix and conv filter in a Muon+SGD group (decayed), the other
+    parameters in the usual weight/bn/bias groups, and each of the four split in two: the class heads (``cv3``,
+    ``one2one_cv3``) and YOLO26's semantic branch (``proto.semseg``) at 3x the lr, then the rest. Groups in
+    Ultralytics' order: weight (3x, 1x), bn (3x, 1x), bias (3x, 1x), muon (3x, 1x).
+    """
+    from cellseg_pl.yolo.optim import musgd_class
+
+    norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
+    kinds: dict[str, list[tuple[str, nn.Parameter]]] = {"weight": [], "bn": [], "bias": [], "muon": []}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            fullname = f"{module_name}.{param_name}" if module_name else param_name
+            if param.ndim in (2, 4):  # Muon orthogonalizes matrices and conv filters only
+                kinds["muon"].append((fullname, param))
+            elif "bias" in fullname:
+                kinds["bias"].append((fullname, param))
+            elif isinstance(module, norm_types) or "logit_scale" in fullname:
+                kinds["bn"].append((fullname, param))
+            else:
+                kinds["weight"].append((fullname, param))
+    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    boosted = {id(p) for m in (getattr(head, "cv3", None), getattr(head, "one2one_cv3", None)) if m is not None
+               for p in m.parameters()}
+    args = {"lr": lr, "momentum": momentum, "nesterov": True}
+    options = {"weight": {"weight_decay": weight_decay}, "bn": {"weight_decay": 0.0}, "bias": {"weight_decay": 0.0},
+               "muon": {"weight_decay": weight_decay, "use_muon": True}}
+    groups = []
+    for kind, named in kinds.items():
+        fast = [p for n, p in named if id(p) in boosted or "proto.semseg" in n]
+        rest = [p for n, p in named if not (id(p) in boosted or "proto.semseg" in n)]
+        for params, group_lr in ((fast, 3 * lr), (rest, lr)):
+            groups.append({"params": params, **args, **options[kind], "param_group": kind, "lr": group_lr,
+                           "initial_lr": group_lr})
+    optimizer = musgd_class()(groups, muon=MUSGD_MUON, sgd=MUSGD_SGD)
+    log.info("optimizer: MuSGD(lr=%g, momentum=%g) with %d muon (decay=%g), %d weight(decay=0.0), %d bias(decay=0.0)"
+             "; class heads at 3x lr", lr, momentum, len(kinds["muon"]), weight_decay, len(kinds["bn"]),
+             len(kinds["bias"]))
     return optimizer
 
 
@@ -198,7 +244,7 @@ class Recipe:
     checkpoint (``cellseg_last_opt_step``), so a resumed run steps at the same iterations.
 
     Args:
-        optimizer: ``SGD``, ``Adam``, ``AdamW`` or ``auto`` (see :func:`resolve_optimizer`).
+        optimizer: ``SGD``, ``Adam``, ``AdamW``, ``MuSGD`` or ``auto`` (see :func:`resolve_optimizer`).
         lr0, lrf, momentum, weight_decay, warmup_epochs, warmup_momentum, warmup_bias_lr, cos_lr, nbs: Ultralytics'
             hyper-parameters of those names (documented as the module's ``--model.*`` flags).
         num_classes: the class count (``auto`` fits its lr to it).
