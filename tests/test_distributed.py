@@ -102,9 +102,11 @@ def test_metrics_reduce_across_processes_with_uneven_image_counts(tmp_path):
 
 # ----------------------------------------------------------------------------------------- DDP end to end
 @pytest.mark.slow
-def test_ddp_fit_resume_and_validate_match_single_process(tiny_data, tmp_path):
+@pytest.mark.parametrize("model", ["yolov8n-seg.yaml", "yolo26n-seg.yaml"])
+def test_ddp_fit_resume_and_validate_match_single_process(tiny_data, tmp_path, model):
+    """Also YOLO26-seg (Ultralytics #24536: its DDP training hangs before the first validation)."""
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--data.batch_size", "2"]
+           "--data.batch_size", "2", "--model.model", model]
     first = run_cli(fit_args(tiny_data, tmp_path, "ddp", 1, *ddp), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (tmp_path / "ddp2").exists()  # both processes wrote to the same run folder

@@ -48,12 +48,15 @@ def last_row(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("model, optimizer", [("yolov8n-seg.yaml", "auto"), ("yolo26n-seg.yaml", "MuSGD")])
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path, model, optimizer):
+    """Also YOLO26-seg, whose loss weighs its two branches by epoch (Ultralytics #24046: a resumed YOLO26-seg run
+    shows zero losses and metrics), with MuSGD and its two momentum buffers per matrix."""
     (tmp_path / "killer.py").write_text(KILLER)
     # nbs 12: a step every 3 batches of 2 per epoch, so the kill falls inside an accumulation (resumed from the
     # gradients the checkpoint holds)
     common = ["--trainer.deterministic", "true", "--seed_everything", "7", "--data.mosaic", "1.0",
-              "--data.close_mosaic", "1", "--model.nbs", "12"]
+              "--data.close_mosaic", "1", "--model.nbs", "12", "--model.model", model, "--model.optimizer", optimizer]
     full = run_cli(fit_args(tiny_data, tmp_path, "full", 3, *common), tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -63,6 +66,9 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
     ckpt = torch.load(tmp_path / "killed" / "weights" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1  # the last complete epoch survived the kill, loadable
     assert ckpt["cellseg_pending_grads"]  # the batches accumulated since the last optimizer step
+    if optimizer == "MuSGD":  # its Muon and SGD momentum buffers are in the checkpoint
+        states = ckpt["optimizer_states"][0]["state"].values()
+        assert any("momentum_buffer_SGD" in state for state in states)
     assert not list((tmp_path / "killed" / "weights").glob(".*.partial-*"))
 
     resumed = run_cli(fit_args(tiny_data, tmp_path, "killed", 3, *common, "--ckpt_path", "last"), tmp_path)
@@ -70,6 +76,8 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
 
     a, b = last_row(tmp_path / "full" / "results.csv"), last_row(tmp_path / "killed" / "results.csv")
     assert a["epoch"] == b["epoch"] == "3"
+    losses = [k for k in b if k.startswith("train/") and k.endswith("_loss")]
+    assert len(losses) == (5 if model.startswith("yolo26") else 4) and all(float(b[k]) > 0 for k in losses), b
     for key in a:
         if key != "time":
             assert a[key] == b[key], key

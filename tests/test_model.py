@@ -140,7 +140,6 @@ def test_yolo11_and_yolo12_seg_train_a_step(yaml, tmp_path):
 
 
 @pytest.mark.parametrize("yaml, what", [
-    ("yolo26n-seg.yaml", "another head (Segment26"),
     ("yolov8n.yaml", "a detection model (Detect)"),
     ("yolo26n-pose.yaml", "a pose model (Pose26)"),
     ("yolov8n-cls.yaml", "a classification model (Classify)"),
@@ -153,7 +152,7 @@ def test_models_we_do_not_train_are_one_line_naming_the_flag(yaml, what):
         build_network(yaml, 1)
     message = str(err.value)
     assert message.startswith(f"--model.model: {yaml} ") and what in message and "\n" not in message
-    assert "cellseg_pl trains YOLOv8, YOLO11 and YOLO12 -seg models" in message
+    assert "cellseg_pl trains YOLOv8, YOLO11, YOLO12 and YOLO26 -seg models" in message
 
 
 def test_a_detection_pt_is_refused_by_predict_and_fine_tuning(tmp_path):
@@ -168,16 +167,3 @@ def test_a_detection_pt_is_refused_by_predict_and_fine_tuning(tmp_path):
         load_weights(pt, flag="--model")
     with pytest.raises(ModelError, match=r"--model.model: .*detector.pt is a DetectionModel, not a segmentation"):
         build_network(str(pt), 1)
-
-
-def test_a_yolo26_pt_is_refused_with_one_line(tmp_path):
-    from ultralytics.nn.tasks import SegmentationModel
-
-    from cellseg_pl.errors import ModelError
-    from cellseg_pl.yolo.network import load_weights, save_ultralytics_checkpoint
-
-    pt = tmp_path / "yolo26n-seg.pt"
-    save_ultralytics_checkpoint(SegmentationModel("yolo26n-seg.yaml", nc=1, verbose=False), pt, {0: "cell"})
-    with pytest.raises(ModelError, match=r"^--model: .*yolo26n-seg.pt is a segmentation model with another head "
-                                         r"\(Segment26"):
-        load_weights(pt, flag="--model")

@@ -21,7 +21,8 @@ from cellseg_pl.files import atomic_file, partial_path
 
 log = logging.getLogger(__name__)
 
-#: Column order of Ultralytics' segment ``results.csv``; extra metrics follow, sorted.
+#: Column order of Ultralytics' segment ``results.csv`` (YOLO26 has l1 and sem losses, others dfl); extra metrics
+#: follow, sorted.
 RESULTS_COLUMNS = (
     "epoch",
     "time",
@@ -29,6 +30,8 @@ RESULTS_COLUMNS = (
     "train/seg_loss",
     "train/cls_loss",
     "train/dfl_loss",
+    "train/l1_loss",
+    "train/sem_loss",
     "metrics/precision(B)",
     "metrics/recall(B)",
     "metrics/mAP50(B)",
@@ -41,6 +44,8 @@ RESULTS_COLUMNS = (
     "val/seg_loss",
     "val/cls_loss",
     "val/dfl_loss",
+    "val/l1_loss",
+    "val/sem_loss",
     "lr/pg0",
     "lr/pg1",
     "lr/pg2",
@@ -307,7 +312,7 @@ class ConsoleReport(L.Callback):
         m = {k: _number(v) for k, v in trainer.callback_metrics.items()}
         epoch = trainer.current_epoch + 1
         losses = " ".join(
-            f"{name} {m[key]:.3f}" for name in ("box", "seg", "cls", "dfl")
+            f"{name} {m[key]:.3f}" for name in ("box", "seg", "cls", "dfl", "l1", "sem")
             if (key := f"train/{name}_loss") in m and m[key] is not None
         )
         scores = " ".join(f"{name} {m[key]:.3f}" for name, key in self.METRICS if m.get(key) is not None)

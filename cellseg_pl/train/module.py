@@ -1,4 +1,4 @@
-"""LightningModule: the YOLOv8-seg network, its loss, Ultralytics' optimization recipe, mask metrics.
+"""LightningModule: a YOLO-seg network (YOLOv8, 11, 12 or 26), its family's loss, Ultralytics' optimization recipe, mask metrics.
 
 Lightning owns the loop; this module uses manual optimization only because Ultralytics' recipe needs control that
 automatic optimization does not give: gradient accumulation that ramps up during warmup, per-iteration lr and
@@ -23,11 +23,8 @@ from cellseg_pl.yolo.postprocess import postprocess
 
 log = logging.getLogger(__name__)
 
-LOSS_NAMES = ("box_loss", "seg_loss", "cls_loss", "dfl_loss")
-
-
 class CellSegModule(L.LightningModule):
-    """YOLOv8-seg on Lightning; knobs carry Ultralytics' names and defaults.
+    """A YOLO-seg network on Lightning; knobs carry Ultralytics' names and defaults.
 
     The arguments are flat, so that ``--model.lr0``, the configs and the hyper-parameters stored in every checkpoint
     keep Ultralytics' names: the network, the optimizer recipe (:class:`~cellseg_pl.train.recipe.Recipe`) and the
@@ -35,14 +32,16 @@ class CellSegModule(L.LightningModule):
     settings, :class:`~cellseg_pl.infer.options.InferenceOptions`), and the non-finite guard.
 
     Args:
-        model: model yaml to train from scratch (``yolov8n-seg.yaml``, ``yolov8s-seg.yaml`` or a path), or weights
+        model: model yaml to train from scratch (``yolov8n-seg.yaml``, ``yolo11s-seg.yaml``, ``yolo26n-seg.yaml`` or a
+            path), or weights
             to fine-tune: an Ultralytics ``.pt`` (e.g. the lab's ``yolov8s_cells_v1.0.pt``; a pickle: load only
             files you trust) or a cellseg_pl ``.ckpt`` (its EMA weights; read safely, weights only).
         num_classes: number of classes (linked from the data; set once in ``dataset.yaml``).
         class_names: class index -> name (linked from the data).
         reinit_head: when a ``.pt`` was trained for another number of classes, start a new head instead of failing.
-        optimizer: ``SGD``, ``Adam``, ``AdamW`` or ``auto`` (AdamW with an lr fitted to the class count for short
-            runs, SGD lr 0.01 for runs over 10,000 iterations; ``auto`` ignores ``lr0``, as Ultralytics does).
+        optimizer: ``SGD``, ``Adam``, ``AdamW``, ``MuSGD`` or ``auto`` (AdamW with an lr fitted to the class count
+            for short runs, Ultralytics' MuSGD at lr 0.01 for runs over 10,000 iterations; ``auto`` ignores ``lr0``,
+            as Ultralytics does).
         lr0: initial learning rate.
         lrf: final learning rate as a fraction of ``lr0``.
         momentum: SGD momentum / Adam beta1.
@@ -58,7 +57,7 @@ class CellSegModule(L.LightningModule):
         ema_tau: EMA ramp time constant, in optimizer steps.
         box: box loss gain.
         cls: classification loss gain.
-        dfl: distribution focal loss gain.
+        dfl: distribution focal loss gain (YOLO26, whose boxes have no DFL: the gain of its L1 box-distance loss).
         overlap_mask: mask targets as one instance map per image (linked from the data).
         conf: validation NMS confidence threshold (low, for mAP).
         iou: validation NMS IoU threshold (``predict``'s by default).
@@ -127,11 +126,13 @@ class CellSegModule(L.LightningModule):
         return self.ema.module if self.ema is not None else self.net
 
     def criterion(self, preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        """The network family's loss in the current epoch: ``(loss, parts)``, ``parts`` named as ``results.csv``."""
         if self._criterion is None or self._criterion_device != self.device:
             h = self.hparams
-            self._criterion = attach_loss(self.net, h.box, h.cls, h.dfl, h.overlap_mask)
+            epochs = getattr(self._trainer, "max_epochs", None) or 100
+            self._criterion = attach_loss(self.net, h.box, h.cls, h.dfl, h.overlap_mask, epochs=epochs)
             self._criterion_device = self.device
-        return self._criterion(preds, batch)
+        return self._criterion(preds, batch, epoch=self.current_epoch)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         batch["img"] = batch["img"].float() / 255.0
@@ -164,7 +165,7 @@ class CellSegModule(L.LightningModule):
             return None
         self.recipe.finite()
         bs = batch["img"].shape[0]
-        self.log_dict({f"train/{k}": parts[k] for k in LOSS_NAMES}, on_step=False, on_epoch=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=False, on_epoch=True, batch_size=bs)
         self.log("loss", loss.detach() / bs, prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=bs)
         if batch_idx == nb - 1:  # the lr of the epoch's last batch, as Ultralytics reports it
             for i, group in enumerate(opt.optimizer.param_groups):
@@ -196,7 +197,7 @@ class CellSegModule(L.LightningModule):
         det, proto, raw = split_outputs(self.eval_net(batch["img"]))
         _, parts = self.criterion(raw, batch)
         bs = batch["img"].shape[0]
-        self.log_dict({f"{prefix}/{k}": parts[k] for k in LOSS_NAMES}, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": v for k, v in parts.items()}, on_epoch=True, batch_size=bs, sync_dist=True)
         preds = postprocess(det, proto, h.num_classes, h.conf, h.iou, h.max_det)
         return {"preds": preds, "targets": self.metrics.update(preds, batch)}
 

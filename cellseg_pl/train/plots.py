@@ -45,9 +45,11 @@ TRUE_COLOR = (255, 0, 255)
 #: ``results.png`` panels: (title, [(column, legend label, line style)], values lie in 0..1).
 RESULTS_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...], bool], ...] = (
     ("box loss", (("train/box_loss", "train", "-"), ("val/box_loss", "val", "-")), False),
-    ("seg loss", (("train/seg_loss", "train", "-"), ("val/seg_loss", "val", "-")), False),
+    ("seg loss", (("train/seg_loss", "train", "-"), ("val/seg_loss", "val", "-"),
+                  ("train/sem_loss", "train, semantic (YOLO26)", "--")), False),
     ("cls loss", (("train/cls_loss", "train", "-"), ("val/cls_loss", "val", "-")), False),
-    ("dfl loss", (("train/dfl_loss", "train", "-"), ("val/dfl_loss", "val", "-")), False),
+    ("dfl loss (YOLO26: L1 box loss)", (("train/dfl_loss", "train", "-"), ("val/dfl_loss", "val", "-"),
+                                        ("train/l1_loss", "train", "-"), ("val/l1_loss", "val", "-")), False),
     ("learning rate", (("lr/pg0", "pg0", "-"), ("lr/pg1", "pg1", "--"), ("lr/pg2", "pg2", ":")), False),
     ("fitness (0.1 mAP50 + 0.9 mAP50-95)", (("fitness", "fitness", "-"),), True),
     ("mAP50", (("metrics/mAP50(M)", "mask", "-"), ("metrics/mAP50(B)", "box", "--")), True),

@@ -1,7 +1,8 @@
-"""The training loss of a YOLO-seg network: Ultralytics' own criterion, with a memory-bounded mask loss.
+"""The training loss of a YOLO-seg network: Ultralytics' own criterion per family, with a memory-bounded mask loss.
 
 :func:`attach_loss` gives the network the attribute namespace Ultralytics' loss reads (``model.args``) and returns
-the criterion the ``LightningModule`` calls. Ultralytics is imported inside functions: importing this module does
+the :class:`Criterion` the ``LightningModule`` calls: YOLOv8/11/12's ``v8SegmentationLoss``, or YOLO26's end-to-end
+``E2ELoss(SegmentLoss26)`` with its per-epoch branch weights. Ultralytics is imported inside functions: importing this module does
 nothing.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,9 @@ def attach_loss(
     dfl: float = 1.5,
     overlap_mask: bool = True,
     chunked_mask_loss: bool = True,
-) -> Callable:
-    """Give the network the attribute namespace its loss reads and return the criterion.
+    epochs: int = 100,
+) -> "Criterion":
+    """Give the network the attribute namespace its loss reads and return the criterion of its family.
 
     The criterion captures the network's device when built: call this after the network is on its device.
 
@@ -33,23 +35,88 @@ def attach_loss(
         chunked_mask_loss: compute the mask part of Ultralytics' loss with :class:`CroppedMaskLoss` (the same value and
             gradients, memory bounded whatever the number of cells per image); False: Ultralytics' own, whose memory
             grows with cells per image times (mask side)^2 (Ultralytics issues #17961, #14812).
+        epochs: the run's length; an end-to-end head (YOLO26) shifts its loss from the one-to-many to the one-to-one
+            branch over it.
 
     Returns:
-        ``criterion(preds, batch) -> (loss, parts)`` where ``loss`` is the weighted sum times the batch size
-        (Ultralytics' convention) and ``parts`` a dict ``box_loss, seg_loss, cls_loss, dfl_loss`` (detached).
+        A :class:`Criterion`.
     """
-    from ultralytics.utils.loss import v8SegmentationLoss
+    from ultralytics.nn.modules.head import Segment26
+    from ultralytics.utils.loss import E2ELoss, SegmentLoss26, v8SegmentationLoss
 
-    args = {**ultralytics_defaults(), "box": box, "cls": cls, "dfl": dfl, "overlap_mask": overlap_mask}
+    args = {**ultralytics_defaults(), "box": box, "cls": cls, "dfl": dfl, "overlap_mask": overlap_mask,
+            "epochs": epochs}
     net.args = SimpleNamespace(**args)
-    loss = (_chunked_segmentation_loss_class() if chunked_mask_loss else v8SegmentationLoss)(net)
+    head = net.model[-1]
+    base = SegmentLoss26 if isinstance(head, Segment26) else v8SegmentationLoss
+    loss_class = _chunked_segmentation_loss_class(base) if chunked_mask_loss else base
+    # an end-to-end head trains both branches, as Ultralytics' ``SegmentationModel.init_criterion``
+    loss = E2ELoss(net, loss_class) if getattr(head, "one2one_cv2", None) is not None else loss_class(net)
+    names = (loss.one2one if isinstance(loss, E2ELoss) else loss).loss_names
+    # YOLOv8/11/12: box_loss seg_loss cls_loss dfl_loss (their sem_loss is always 0: no semantic branch);
+    # YOLO26 (reg_max 1): box_loss seg_loss cls_loss l1_loss sem_loss
+    return Criterion(loss, tuple(n for n in names if n != "sem_loss" or base is SegmentLoss26))
 
-    def criterion(preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, parts = loss(preds, batch)
-        parts = {k: parts[k] for k in ("box_loss", "seg_loss", "cls_loss", "dfl_loss")}
-        return total.sum(), parts
 
-    return criterion
+class Criterion:
+    """``criterion(preds, batch, epoch=0) -> (loss, parts)``: a network family's training loss.
+
+    ``loss`` is the weighted sum times the batch size (Ultralytics' convention); ``parts`` maps :attr:`names` to
+    detached scalars (an end-to-end head reports its one-to-one branch, as Ultralytics does).
+
+    End-to-end heads (YOLO26) weigh the one-to-many branch by 0.8 in the first epoch, falling linearly to 0.1 in the
+    last, and the one-to-one branch by the rest. Ultralytics keeps that weight as a counter that its trainer steps
+    once per epoch (and rebuilds on resume); here it is computed from ``epoch`` at every call, so a resumed run, or
+    any process of a DDP run, uses the weight of the epoch it is in, with no state to save.
+    """
+
+    def __init__(self, loss: Any, names: tuple[str, ...]) -> None:
+        self.loss = loss
+        self.names = names
+        self.end_to_end = hasattr(loss, "one2one")
+
+    def one_to_many_weight(self, epoch: int) -> float:
+        """The one-to-many branch's weight in ``epoch`` (0-based); 1.0 for heads with one branch."""
+        return float(self.loss.decay(epoch)) if self.end_to_end else 1.0
+
+    def __call__(self, preds: dict[str, Any], batch: dict[str, Any], epoch: int = 0) -> tuple[torch.Tensor, dict]:
+        if self.end_to_end:
+            # Ultralytics' E2ELoss after ``epoch`` calls of its ``update()``
+            self.loss.updates = epoch
+            self.loss.o2m = self.loss.decay(epoch)
+            self.loss.o2o = max(self.loss.total - self.loss.o2m, 0)
+            batch = {**batch, "sem_masks": semantic_targets(batch, self.loss.one2many.overlap)}
+        total, parts = self.loss(preds, batch)
+        return total.sum(), {k: parts[k] for k in self.names}
+
+
+def semantic_targets(batch: dict[str, Any], overlap: bool) -> torch.Tensor:
+    """(B, H, W) class index of the instance covering each mask pixel (0 where none), as Ultralytics' ``Format``.
+
+    YOLO26's semantic-mask loss reads it as ``batch["sem_masks"]`` and ignores uncovered pixels. ``batch["masks"]``
+    is (B, H, W) instance maps (``overlap``: value k+1 is the image's k-th instance) or (N, H, W) binary masks of
+    every instance, in batch order; where binary masks overlap, the smallest instance wins.
+    """
+    masks = batch["masks"]
+    cls = batch["cls"].view(-1).long().to(masks.device)
+    batch_idx = batch["batch_idx"].view(-1).long().to(masks.device)
+    bs = int(batch["img"].shape[0])
+    if overlap:
+        out = torch.zeros(masks.shape, dtype=torch.long, device=masks.device)
+        for i in range(bs):
+            classes = cls[batch_idx == i]
+            if len(classes):
+                ids = masks[i].long()
+                out[i] = torch.where(ids > 0, classes[(ids - 1).clamp(0, len(classes) - 1)], 0)
+        return out.float()
+    out = torch.zeros((bs, *masks.shape[-2:]), dtype=torch.long, device=masks.device)
+    for i in range(bs):
+        own = masks[batch_idx == i] > 0.5
+        if len(own):
+            area = own.flatten(1).sum(1)
+            key = torch.where(own, area[:, None, None], area.max() + 1)
+            out[i] = cls[batch_idx == i][key.min(0).indices] * own.any(0)
+    return out.float()
 
 
 class CroppedMaskLoss(torch.autograd.Function):
@@ -129,14 +196,20 @@ class CroppedMaskLoss(torch.autograd.Function):
         return gc, gp, None, None, None, None, None, None
 
 
-@functools.cache
-def _chunked_segmentation_loss_class() -> type:
-    """Ultralytics' ``v8SegmentationLoss`` with its per-image mask loss replaced by :class:`CroppedMaskLoss`."""
+def _chunked_segmentation_loss_class(base: type | None = None) -> type:
+    """Ultralytics' segmentation loss ``base`` (``v8SegmentationLoss`` by default, or YOLO26's ``SegmentLoss26``,
+    which shares its mask loss) with its per-image mask loss replaced by :class:`CroppedMaskLoss`; one class each."""
     from ultralytics.utils.loss import v8SegmentationLoss
+
+    return _chunked_class(base or v8SegmentationLoss)
+
+
+@functools.cache
+def _chunked_class(base: type) -> type:
     from ultralytics.utils.ops import xyxy2xywh
 
-    class ChunkedSegmentationLoss(v8SegmentationLoss):
-        """Same loss as ``v8SegmentationLoss`` (8.4), with memory independent of the number of cells per image.
+    class ChunkedSegmentationLoss(base):
+        """Same loss as ``base`` (8.4), with memory independent of the number of cells per image.
 
         An image whose positive anchors times mask pixels stay under ``DIRECT_ELEMENTS`` (32 MB per float32
         temporary, two kept for the backward pass; e.g. 1,300 anchors at imgsz 320, 320 at 640, about 10 per cell)

@@ -1,4 +1,4 @@
-"""The one door to Ultralytics: build or load a YOLOv8-seg network, attach its loss, save Ultralytics ``.pt`` files.
+"""The one door to Ultralytics: build or load a YOLO-seg network (YOLOv8, 11, 12 or 26), attach its loss, save Ultralytics ``.pt`` files.
 
 Everything version-specific about Ultralytics (8.4 line: dict predictions, five-part loss, ``model.args``
 contract) lives here; the rest of the project sees ``nn.Module``, tensors and plain dicts. Ultralytics is imported
@@ -59,26 +59,42 @@ def _from_yaml(name: str, num_classes: int) -> nn.Module:
                          f"trains {FAMILIES}") from None
 
 
-#: The model families cellseg_pl trains: their segmentation head is Ultralytics' ``Segment`` (YOLOv8, YOLO11, YOLO12).
-FAMILIES = "YOLOv8, YOLO11 and YOLO12 -seg models (e.g. yolov8n-seg.yaml, yolo11s-seg.yaml, yolo12n-seg.yaml)"
+#: The model families cellseg_pl trains: their segmentation head is Ultralytics' ``Segment`` (YOLOv8, YOLO11, YOLO12)
+#: or YOLO26's end-to-end ``Segment26``.
+FAMILIES = ("YOLOv8, YOLO11, YOLO12 and YOLO26 -seg models (e.g. yolov8n-seg.yaml, yolo11s-seg.yaml, "
+            "yolo26n-seg.yaml)")
 
 
 def check_family(net: nn.Module, model: Any, flag: str | None = "--model.model") -> nn.Module:
     """``net`` itself when cellseg_pl trains its family, else one :class:`ModelError` line naming what it is."""
-    from ultralytics.nn.modules.head import Segment
+    from ultralytics.nn.modules.head import Segment, Segment26
 
     head = net.model[-1] if hasattr(net, "model") and len(net.model) else None
     kind = type(head).__name__ if head is not None else type(net).__name__
-    if type(head) is Segment:
+    if type(head) in (Segment, Segment26):
         return net
-    if isinstance(head, Segment):  # YOLO26's end-to-end Segment26, YOLOE's open-vocabulary heads
-        what = f"a segmentation model with another head ({kind}, with its own loss), which cellseg_pl does not train yet"
+    if isinstance(head, Segment):  # YOLOE's open-vocabulary heads
+        what = f"a segmentation model with another head ({kind}, with its own loss), which cellseg_pl does not train"
     else:
         task = {"Detect": "detection", "Pose": "pose", "OBB": "oriented-box", "Classify": "classification"}
         base = next((task[c.__name__] for c in type(head).__mro__ if c.__name__ in task), None)
         article = "an" if base and base[0] in "aeiou" else "a"
         what = f"{article} {base} model ({kind}), not a segmentation model" if base else f"not a model we train ({kind})"
     raise _error(flag, f"{model} is {what}; cellseg_pl trains {FAMILIES}")
+
+
+def nms_head(net: nn.Module) -> nn.Module:
+    """Make an end-to-end head (YOLO26) infer with its one-to-many branch and NMS, as Ultralytics 8.4 does by default
+    (``nms=None``: its validator and ``AutoBackend`` set ``model.end2end = False``); both branches still train.
+
+    Every network cellseg_pl builds or loads goes through here, so evaluation and inference see one output layout:
+    (B, 4 + nc + 32, anchors) before NMS. A ``.pt`` saved by a run with ``nms=False`` would otherwise give the
+    one-to-one top-k layout.
+    """
+    head = net.model[-1]
+    if getattr(head, "one2one_cv2", None) is not None and getattr(head, "cv2", None) is not None:
+        head.end2end = False
+    return net
 
 
 def _error(flag: str | None, message: str) -> ModelError:
@@ -240,7 +256,7 @@ def build_network(
         p.requires_grad_(".dfl" not in name)
     net.names = dict(names)
     net.train()
-    return net
+    return nms_head(net)
 
 
 
@@ -340,4 +356,4 @@ def load_weights(path: str | Path, flag: str | None = None) -> tuple[nn.Module, 
     if not names:
         names = {i: str(i) for i in range(int(net.model[-1].nc))}
     net.names = names
-    return net.eval(), names, info
+    return nms_head(net).eval(), names, info
