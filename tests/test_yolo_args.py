@@ -112,7 +112,7 @@ def test_finetune_config_is_the_guide_command():
         ("batch=-1", "batch=-1: expected a whole number of images"),
         ("batch=0.7", "batch=0.7: expected a whole number of images"),
         ("device=-1", "device=-1: expected cpu, mps, a GPU index"),
-        ("optimizer=RMSProp", "optimizer=RMSProp: cellseg_pl supports SGD, Adam, AdamW, auto"),
+        ("optimizer=RMSProp", "optimizer=RMSProp: cellseg_pl supports SGD, Adam, AdamW, MuSGD, auto"),
         ("exist_ok=True", "exist_ok=True: cellseg_pl never writes into an earlier run's folder"),
         ("val=False", "val=False: cellseg_pl validates every epoch"),
         ("resume=runs/segment/train/weights/last.pt", "resume=runs/segment/train/weights/last.pt: cellseg_pl resumes"),

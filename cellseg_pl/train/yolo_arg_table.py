@@ -252,7 +252,7 @@ TABLE: tuple[YoloArg, ...] = (
     YoloArg("mode", "-", _choice("train"), "`train` only", simple=False),
     YoloArg(
         "optimizer", "--model.optimizer", _optimizer,
-        "`SGD`, `Adam`, `AdamW` or `auto`; `auto` ignores `lr0` (and `momentum`), exactly as Ultralytics does",
+        "`SGD`, `Adam`, `AdamW`, `MuSGD` or `auto`; `auto` ignores `lr0` (and `momentum`), exactly as Ultralytics does",
     ),
     _model("lr0", note="ignored by `optimizer=auto`, as in Ultralytics"),
     _model("lrf"),
