@@ -1,8 +1,8 @@
 """Entry point: ``python -m cellseg_pl <command> ...``.
 
 Training commands go through LightningCLI (``fit``, ``validate``, ``test``; :mod:`cellseg_pl.train.cli`); the tools
-(``convert``, ``export``, ``select``, ``predict``, ``evaluate``) are plain functions whose signatures are their command
-lines (:mod:`cellseg_pl.commands`).
+(``convert``, ``export``, ``select``, ``predict``, ``evaluate``, ``cycle init|next|learn|status``) are plain functions
+whose signatures are their command lines (:mod:`cellseg_pl.commands`).
 
 This is the only place that configures logging and the process environment, and the one place errors become an
 exit code (:func:`cellseg_pl.errors.error_line`): a bad argument or input is one ``error: ...`` line on stderr and
@@ -67,7 +67,7 @@ def _usage() -> str:
     lines += [f"  {c}" for c in LIGHTNING_COMMANDS]
     lines += ["  val        = validate; `val --model.model run/weights/best.pt` alone takes data= from the file"]
     lines += ["", "tools (--help on each):"]
-    lines += [f"  {name:<10} {tool.help}" for name, tool in TOOLS.items()]
+    lines += [f"  {name:<12} {tool.help}" for name, tool in TOOLS.items()]
     return "\n".join(lines)
 
 
@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] == "cycle":  # two words: cycle init|next|learn|status
+        sub = f"cycle {argv[1]}" if len(argv) > 1 else ""
+        if sub not in TOOLS:
+            subs = "|".join(name.split()[1] for name in TOOLS if name.startswith("cycle "))
+            print(f"usage: python -m cellseg_pl cycle {{{subs}}} [options] (--help on each)", file=sys.stderr)
+            return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+        return run_tool(sub, argv[2:], prog)
     # ``predict`` is the CVAT prediction tool unless it is given a run's configuration in LightningCLI's style
     if argv[0] in TOOLS and (argv[0] != "predict" or not lightning_style_predict(argv[1:])):
         return run_tool(argv[0], argv[1:], prog)

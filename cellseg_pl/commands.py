@@ -1,6 +1,7 @@
 """The tools: sub-commands that are plain functions, whose typed, documented signatures are their command lines.
 
-``convert``, ``export``, ``select``, ``predict`` and ``evaluate`` (:data:`TOOLS`) are parsed by jsonargparse, as litgpt's
+``convert``, ``export``, ``select``, ``predict``, ``evaluate`` and ``cycle init|next|learn|status`` (:data:`TOOLS`)
+are parsed by jsonargparse, as litgpt's
 commands are: ``--help`` is generated from the docstrings, each flag may be spelled with dashes or underscores
 (``--images-dir`` = ``--images_dir``), a ``bool`` argument is a switch (``--overwrite``; ``--no_tta`` for one that
 defaults to true). ``predict`` given a run's configuration (``--config``, ``--ckpt_path``, ``--data.*``...) is parsed by
@@ -77,7 +78,7 @@ TOOLS: dict[str, Tool] = {
     "predict": Tool(
         "cellseg_pl.infer.predict:predict_folder",
         "weights + images -> COCO 1.0 JSON for CVAT; with --config/--ckpt_path (LightningCLI style) from a run's\n"
-        "             configuration: the same engine and JSON",
+        "               configuration: the same engine and JSON",
         output="output",
         inference=True,
         epilog=LIGHTNING_STYLE_HELP,
@@ -87,6 +88,26 @@ TOOLS: dict[str, Tool] = {
         "score a model (.ckpt or Ultralytics .pt) on a split of a data set: mask mAP, F1, counting error",
         output="output",
         report=lambda result, args: importlib.import_module("cellseg_pl.evaluate").format_result(result),
+    ),
+    "cycle init": Tool(
+        "cellseg_pl.lab.cycle:cycle_init",
+        "the lab's cycle: make a lab folder (the model as v1, a fixed test set, the fine-tuning recipe)",
+        output="lab",
+    ),
+    "cycle next": Tool(
+        "cellseg_pl.lab.cycle:cycle_next",
+        "the lab's cycle: pick the next images to label, with the current model's predictions for CVAT",
+        output="lab",
+    ),
+    "cycle learn": Tool(
+        "cellseg_pl.lab.cycle:cycle_learn",
+        "the lab's cycle: corrected CVAT zip -> fine-tune -> compare on the test set -> next version if not worse",
+        output="lab",
+    ),
+    "cycle status": Tool(
+        "cellseg_pl.lab.cycle:cycle_status",
+        "the lab's cycle: versions, their parents, labels and test metrics",
+        output="lab",
     ),
 }
 

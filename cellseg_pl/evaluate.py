@@ -57,6 +57,7 @@ def evaluate(
     device: str = InferenceOptions.device,
     batch_size: int = InferenceOptions.batch_size,
     output: str | Path | None = None,
+    per_image: bool = False,
 ) -> dict:
     """Predict one split of a data set once and score it.
 
@@ -70,6 +71,10 @@ def evaluate(
         device: cpu, 0 (= cuda:0) or cuda:N.
         batch_size: images per forward pass.
         output: also write the result to this JSON file.
+        per_image: also return ``per_image``: one record per image, for comparisons that resample the images
+            (:mod:`cellseg_pl.lab.compare`): ``image``, ``tp``/``fp``/``fn`` at ``conf``, ``count_err``, ``gt`` (class
+            -> true instances) and ``dets``: ``[score, class, [true positive at IoU 0.50, 0.55, ..., 0.95]]`` of every
+            detection, COCO's greedy matching.
 
     Returns:
         ``mAP50(M)``, ``mAP50-95(M)``; at ``conf`` and IoU 0.5: ``F1@0.5``, ``P@0.5``, ``R@0.5``, ``AP_dsb@0.5``,
@@ -91,11 +96,12 @@ def evaluate(
     cells = {c: CellMatchMetrics(conf=c) for c in confs}
     edges = sorted({conf, *(b for b in SCORE_BANDS if b > conf)})
     bands = {f"{lo:.2f}-{hi:.2f}": {"TP": 0, "FP": 0} for lo, hi in zip(edges, [*edges[1:], 1.0])}
+    records: list[dict] | None = [] if per_image else None
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = [read_image(path) for path in chunk]
         for path, image, found in zip(chunk, images, predictor.predict(images)):
-            score_image(path, image, found, len(names), mean_ap, cells, (conf, edges, bands))
+            score_image(path, image, found, len(names), mean_ap, cells, (conf, edges, bands), records)
     m = mean_ap.compute()
     at = {c: {k: float(v) for k, v in metric.compute().items()} for c, metric in cells.items()}
     main = at[conf]
@@ -109,6 +115,8 @@ def evaluate(
                       "IoU": at[c]["mean_matched_iou"]} for c in sweep},
         "bands": bands, "images": len(paths), "model": str(model), "data": str(data), "split": split, "imgsz": imgsz,
     }  # fmt: skip
+    if records is not None:
+        result["per_image"] = records
     if output is not None:
         write_atomic(Path(output), json.dumps(result, indent=2))
     return result
@@ -153,12 +161,13 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def score_image(path: Path, image: np.ndarray, found: list[Instance], num_classes: int, mean_ap, cells: dict,
-                banding: tuple | None = None) -> None:
+                banding: tuple | None = None, records: list[dict] | None = None) -> None:
     """Add one image's detections and its label file to the metrics.
 
     Args:
         banding: ``(conf, edges, bands)``: the detections scoring at least ``conf`` are matched to the truth and
             counted as ``TP``/``FP`` into ``bands[f"{lo:.2f}-{hi:.2f}"]`` by their score (``edges``: lower edges).
+        records: append the image's record (:func:`evaluate`'s ``per_image``); needs ``banding``.
     """
     h, w = image.shape[:2]
     gt_masks, gt_labels = true_instances(path, h, w, num_classes)
@@ -180,3 +189,39 @@ def score_image(path: Path, image: np.ndarray, found: list[Instance], num_classe
         names, matched = list(bands), set(rows)
         for k, s in enumerate(scores):
             bands[names[bisect.bisect_right(edges, s) - 1]]["TP" if k in matched else "FP"] += 1
+        if records is not None:
+            records.append({
+                "image": str(path), "tp": len(rows), "fp": len(scores) - len(rows), "fn": len(gt_masks) - len(rows),
+                "count_err": len(scores) - len(gt_masks),
+                "gt": {int(c): int((gt_labels == c).sum()) for c in gt_labels.unique()},
+                "dets": coco_hits(pred, gt_masks, gt_labels),
+            })  # fmt: skip
+
+
+def coco_hits(pred: dict[str, torch.Tensor], gt_masks: torch.Tensor, gt_labels: torch.Tensor) -> list[list]:
+    """``[score, class, [hit at IoU 0.50, 0.55, ..., 0.95]]`` per detection (at most COCO's detection limit, best
+    scores first): COCO's greedy matching, each detection taking the unmatched true instance of its class with the
+    highest mask IoU at or above the threshold."""
+    from cellseg_pl.metrics import MAX_DETECTIONS, encode_masks, rle_iou
+
+    order = torch.argsort(pred["scores"], descending=True, stable=True)[: max(MAX_DETECTIONS)].tolist()
+    scores, labels = pred["scores"][order].tolist(), pred["labels"][order].tolist()
+    thresholds = np.linspace(0.5, 0.95, 10)
+    if not order:
+        return []
+    gt = gt_labels.numpy()
+    iou = rle_iou(encode_masks(pred["masks"][order]), encode_masks(gt_masks)) if len(gt) else np.zeros((len(order), 0))
+    out = []
+    taken = np.zeros((len(thresholds), len(gt)), bool)
+    for d, (score, label) in enumerate(zip(scores, labels)):
+        hits = []
+        for t, thr in enumerate(thresholds):
+            # (COCO: among unmatched true instances, the highest IoU reaching the threshold; the last one on a tie)
+            cand = np.where(~taken[t] & (gt == label) & (iou[d] >= min(thr, 1 - 1e-10)), iou[d], -1.0)
+            m = len(cand) - 1 - int(cand[::-1].argmax()) if len(cand) else -1
+            hit = m >= 0 and cand[m] >= 0
+            if hit:
+                taken[t, m] = True
+            hits.append(bool(hit))
+        out.append([float(score), int(label), hits])
+    return out

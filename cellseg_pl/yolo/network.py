@@ -31,6 +31,13 @@ def ultralytics_defaults() -> dict[str, Any]:
     return vars(get_cfg())
 
 
+def ultralytics_version() -> str:
+    """The installed Ultralytics version (model cards record it)."""
+    import ultralytics
+
+    return ultralytics.__version__
+
+
 def ultralytics_arg_names() -> frozenset[str]:
     """The argument names Ultralytics' trainer knows (its default configuration's keys)."""
     return frozenset(ultralytics_defaults())
