@@ -90,7 +90,7 @@ TOOLS: dict[str, Tool] = {
         report=lambda result, args: importlib.import_module("cellseg_pl.evaluate").format_result(result),
     ),
     "cycle init": Tool(
-        "cellseg_pl.lab.cycle:cycle_init",
+        "cellseg_pl.lab.init:cycle_init",
         "the lab's cycle: make a lab folder (the model as v1, a fixed test set, the fine-tuning recipe)",
         output="lab",
     ),

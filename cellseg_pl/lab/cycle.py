@@ -1,7 +1,6 @@
 """The lab's cycle as commands: ``cycle init``, ``cycle next``, ``cycle learn``, ``cycle status``.
 
-``cycle init`` makes a lab folder (:mod:`cellseg_pl.lab.folder`): it adopts the lab's model as v1, sets the fixed test
-set aside and writes the fine-tuning recipe. Each cycle is then two commands:
+``cycle init`` (:mod:`cellseg_pl.lab.init`) makes the lab folder. Each cycle is then two commands, here:
 
 * ``cycle next --k N``: the N pool images the current model is least sure of (``select``'s ranking; ``--random``
   for random picks), never an image of an earlier cycle or of the test set, copied into ``cycles/cycleN/images``
@@ -15,203 +14,21 @@ set aside and writes the fine-tuning recipe. Each cycle is then two commands:
 
 from __future__ import annotations
 
-import datetime
 import logging
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
 
-import yaml
-
 from cellseg_pl.data.images import list_images
-from cellseg_pl.data.labels import label_path_for
 from cellseg_pl.files import write_atomic
 from cellseg_pl.infer.options import InferenceOptions
-from cellseg_pl.lab.compare import RULE, bootstrap_ci, not_worse, paired_bootstrap
-from cellseg_pl.lab.folder import Lab, LabError, LabSettings, sha256_of, write_json
+from cellseg_pl.lab.card import now, score_on_test, software_versions, ultralytics_figures, write_card
+from cellseg_pl.lab.compare import RULE, not_worse, paired_bootstrap
+from cellseg_pl.lab.folder import Lab, LabError, LabSettings, count_cells, labelled_yaml_text, sha256_of
 
 log = logging.getLogger(__name__)
-
-#: The fine-tuning recipe ``cycle init`` writes (``recipe.yaml``, a ``fit`` configuration the lab may edit).
-#: AdamW at the guide's lr0 0.0005, with the bias warmup starting there too: in the active-learning benchmark the
-#: guide's ``optimizer auto`` (lr0 ignored, AdamW at 0.002) threw a good model off for several epochs and the default
-#: bias warmup (0.1) cost the first fine-tune F1 (docs/active-learning.md).
-RECIPE = """\
-# The fine-tuning recipe of this lab: `cycle learn` runs
-#   python -m cellseg_pl fit --config recipe.yaml --model.model models/<current>.pt --data.dataset labelled.yaml \\
-#       --project cycles/cycle<N> --name run
-# Edit it as any fit configuration (e.g. trainer.accelerator gpu, trainer.precision bf16-mixed).
-seed_everything: 0
-trainer:
-  max_epochs: {epochs}
-  accelerator: auto
-  devices: 1
-  enable_model_summary: false
-model:
-  optimizer: AdamW
-  lr0: 0.0005
-  warmup_bias_lr: 0.0005
-  min_area: {min_area}
-data:
-  imgsz: {imgsz}
-  batch_size: {batch_size}
-  degrees: 180.0
-  scale: 0.5
-  flipud: 0.5
-  fliplr: 0.5
-  mosaic: 1.0
-  copy_paste: 0.3
-early_stopping:
-  patience: {patience}
-"""
-
-
-# ---------------------------------------------------------------------------------------------------------- init
-@dataclass
-class InitSummary:
-    lab: Path
-    version: str
-    test_images: int
-    test_cells: int
-    pool_images: int
-    metrics: dict
-
-    def format(self) -> str:
-        m = self.metrics
-        return "\n".join([
-            f"lab folder {self.lab}: {self.version} adopted, {self.test_images} test images ({self.test_cells} cells), "
-            f"{self.pool_images} pool images",
-            f"{self.version} on the test set: F1 {m['F1'][0]:.3f} [{m['F1'][1]:.3f}, {m['F1'][2]:.3f}], mask mAP50-95 "
-            f"{m['mAP50-95'][0]:.3f} [{m['mAP50-95'][1]:.3f}, {m['mAP50-95'][2]:.3f}] (95 % intervals)",
-            f"next: python -m cellseg_pl cycle next --lab {self.lab} --k 200",
-        ])  # fmt: skip
-
-
-def cycle_init(
-    lab: str,
-    model: str,
-    pool: str,
-    test_zip: str | None = None,
-    test_images: str | None = None,
-    test_data: str | None = None,
-    test_split: str = "test",
-    labelled: list[str] | None = None,
-    imgsz: int | None = None,
-    epochs: int = 100,
-    patience: int = 20,
-    batch_size: int = 8,
-    conf: float = 0.25,
-    min_area: float = 0.0,
-    device: str = InferenceOptions.device,
-) -> InitSummary:
-    """Make a lab folder: adopt the lab's model as v1, set the fixed test set aside, write the recipe.
-
-    Args:
-        lab: the folder to create (must not exist, or be empty).
-        model: the lab's current model (an Ultralytics .pt such as yolov8s_cells_v1.0.pt, or a cellseg_pl .ckpt);
-            copied as models/v1.pt.
-        pool: folder of unlabelled images the cycles select from.
-        test_zip: the test set as a CVAT "COCO 1.0" export (all its images are test images; never trained on).
-        test_images: folder with the test zip's images, when the zip has none.
-        test_data: the test set as a YOLO-seg dataset.yaml instead (its --test-split images are copied).
-        test_split: the split of --test-data that is the test set.
-        labelled: dataset.yaml files labelled before the first cycle: every fine-tune trains on them too.
-        imgsz: training and inference size (default: the model's own).
-        epochs: fine-tuning epochs (recipe.yaml).
-        patience: early-stopping patience of a fine-tune (recipe.yaml).
-        batch_size: images per training batch (recipe.yaml).
-        conf: operating point: F1 and CVAT predictions at this confidence.
-        min_area: detections smaller than this many px are dropped from CVAT predictions (the guide: 500).
-        device: cpu, 0 (= cuda:0) or cuda:N, for scoring.
-    """
-    from cellseg_pl.data.dataset import load_dataset_yaml
-    from cellseg_pl.train.export import export_model
-    from cellseg_pl.yolo.network import load_weights
-
-    lab_ = Lab(lab)
-    if lab_.root.exists() and (not lab_.root.is_dir() or any(lab_.root.iterdir())):
-        raise LabError("--lab", f"{lab_.root} exists and is not an empty folder", "pass a new folder")
-    pool_dir = Path(pool).expanduser().resolve()
-    if not pool_dir.is_dir() or not list_images(pool_dir):
-        raise LabError("--pool", f"{pool_dir} is not a folder of images", "pass the folder of unlabelled images")
-    if (test_zip is None) == (test_data is None):
-        raise LabError("--test-zip", "give the fixed test set once: --test-zip (a CVAT export) or --test-data "
-                       "(a dataset.yaml)", "a model is only promoted when it is not worse on it")
-    for extra in labelled or []:
-        load_dataset_yaml(extra)  # fails with the file's name
-    net, names, info = load_weights(model, flag="--model")
-    imgsz = int(imgsz or (max(info["imgsz"]) if isinstance(info.get("imgsz"), (list, tuple)) else info.get("imgsz"))
-                or 640)
-    try:
-        lab_.root.mkdir(parents=True, exist_ok=True)
-        test_images_n, test_cells = _make_test_set(lab_, names, test_zip, test_images, test_data, test_split)
-        export_model(model, lab_.model(1))
-        settings = LabSettings(pool=str(pool_dir), names=dict(names), conf=conf, min_area=min_area,
-                               labelled=[str(Path(p).expanduser().resolve()) for p in labelled or []])
-        lab_.write_settings(settings)
-        write_atomic(lab_.recipe, RECIPE.format(epochs=epochs, min_area=min_area, imgsz=imgsz, batch_size=batch_size,
-                                                patience=patience))
-        scored = _score(lab_, lab_.model(1), settings, lab_.root / "models" / "v1_test", device)
-        card = {
-            "version": "v1", "file": "v1.pt", "sha256": sha256_of(lab_.model(1)), "parent": None,
-            "created": _now(), "adopted_from": str(Path(model).expanduser().resolve()),
-            "trained_on": [{"set": "before the lab (adopted)", "data": str(info.get("data") or "unknown")}],
-            "cycle": 0, "imgsz": imgsz, **_versions(), "test": scored, "decision": "adopted as the first version",
-        }  # fmt: skip
-        write_card(lab_, 1, card)
-        lab_.set_current(1)
-        write_atomic(lab_.labelled_yaml, _labelled_yaml(lab_, settings))
-    except BaseException:
-        shutil.rmtree(lab_.root, ignore_errors=True)  # nothing half-made is left
-        raise
-    return InitSummary(lab_.root, "v1", test_images_n, test_cells, len(list_images(pool_dir)), scored["ci95"])
-
-
-def _make_test_set(lab: Lab, names: dict[int, str], test_zip, test_images, test_data, split) -> tuple[int, int]:
-    """Copy the test set into ``test/images/test`` and ``test/labels/test``; its dataset.yaml has empty train and
-    val lists, so it cannot be trained on by mistake."""
-    from cellseg_pl.cvat.convert import convert_coco_zip
-    from cellseg_pl.data.dataset import load_dataset_yaml
-
-    test = lab.root / "test"
-    if test_zip is not None:
-        staging = lab.root / ".test_convert"
-        convert_coco_zip(test_zip, staging, images_dir=test_images)
-        spec = load_dataset_yaml(staging / "dataset.yaml")
-        sources = [*spec.splits.get("train", []), *spec.splits.get("val", [])]
-        test_names = spec.names
-    else:
-        spec = load_dataset_yaml(test_data)
-        sources = spec.splits.get(split, [])
-        if not sources:
-            raise LabError("--test-data", f"{test_data} has no '{split}' images", "pass --test-split")
-        test_names = spec.names
-    if test_names != names:
-        raise LabError("--test-zip" if test_zip else "--test-data", f"its classes {test_names} are not the model's "
-                       f"{names}", "label the test set with the model's classes")
-    cells = 0
-    for src in sources:
-        rel = src.name
-        dst = test / "images" / "test" / rel
-        if dst.exists():
-            raise LabError("--test-zip" if test_zip else "--test-data", f"two test images are named {rel}",
-                           "rename one of them")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-        label = label_path_for(src)
-        (test / "labels" / "test").mkdir(parents=True, exist_ok=True)
-        if label.is_file():
-            text = label.read_text()
-            cells += sum(1 for line in text.splitlines() if line.strip())
-            shutil.copy2(label, test / "labels" / "test" / f"{Path(rel).stem}.txt")
-    if test_zip is not None:
-        shutil.rmtree(lab.root / ".test_convert")
-    write_atomic(lab.test_data, "# the lab's fixed test set: scored every cycle, never trained on\n" + yaml.safe_dump(
-        {"path": ".", "train": [], "val": [], "test": "images/test", "names": dict(names)}, sort_keys=False))
-    return len(sources), cells
 
 
 # ---------------------------------------------------------------------------------------------------------- next
@@ -304,7 +121,7 @@ def cycle_next(
         picked = list(summary.selected)
     predict_folder(model, cycle / "images", cycle / "predictions.json", save_overlays=cycle / "overlays", **options)
     lab_.write_state(n, {"cycle": n, "step": "labelling", "model": f"v{current}", "images": picked,
-                         "strategy": "random" if random else "uncertainty", "started": _now()})
+                         "strategy": "random" if random else "uncertainty", "started": now()})
     return NextSummary(lab_.root, n, f"v{current}", picked, "random" if random else "uncertainty",
                        len(left) - len(picked))
 
@@ -396,7 +213,8 @@ def cycle_learn(
         new = lab_.cycle_dir(n) / "run" / "weights" / "best.ckpt"
         records = {}
         for name, weights in (("old", old), ("new", new)):
-            records[name] = _score(lab_, weights, settings, lab_.cycle_dir(n) / f"test_{name}", device, per_image=True)
+            records[name] = score_on_test(lab_, weights, settings, lab_.cycle_dir(n) / f"test_{name}", device,
+                                          per_image=True)
         comparison = paired_bootstrap(records["old"]["per_image"], records["new"]["per_image"])
         promote, why = not_worse(comparison, settings.tolerance)
         state.update(comparison={k: d.as_dict() for k, d in comparison.items()}, promote=promote, reason=why,
@@ -413,7 +231,7 @@ def cycle_learn(
     else:
         decision = (f"the new model is not promoted ({state['reason']}); {state['model']} stays current; the "
                     f"labels are kept for the next cycle ({RULE})")
-    state.update(step="done", decision=decision, finished=_now(), version=f"v{new_version}" if new_version else None)
+    state.update(step="done", decision=decision, finished=now(), version=f"v{new_version}" if new_version else None)
     lab_.write_state(n, state)
     return LearnSummary(lab_.root, n, state["model"], f"v{new_version}" if new_version else None, decision,
                         state["comparison"])
@@ -442,7 +260,7 @@ def _convert(lab: Lab, n: int, state: dict, zip_path: Path) -> None:
         raise LabError("--corrected", f"its classes {spec.names} are not the lab's {lab.settings().names}",
                        "use the lab's labels in CVAT")
     state["labels"] = {"train": len(spec.splits.get("train", [])), "val": len(spec.splits.get("val", [])),
-                       "cells": _cells(out / "dataset.yaml")}
+                       "cells": count_cells(out / "dataset.yaml")}
 
 
 def _fine_tune(lab: Lab, n: int, state: dict) -> None:
@@ -450,7 +268,7 @@ def _fine_tune(lab: Lab, n: int, state: dict) -> None:
     from cellseg_pl.__main__ import main
 
     settings = lab.settings()
-    write_atomic(lab.labelled_yaml, _labelled_yaml(lab, settings))
+    write_atomic(lab.labelled_yaml, labelled_yaml_text(lab, settings))
     _check_no_test_image_in(lab)
     run = lab.cycle_dir(n) / "run"
     args = ["fit", "--config", str(lab.recipe), "--model.model", str(lab.model(int(state["model"][1:]))),
@@ -490,17 +308,17 @@ def _promote(lab: Lab, n: int, state: dict, settings: LabSettings, device: str) 
     parent = int(state["model"][1:])
     parent_card = lab.card(parent)
     test = dict(state["new_test"])
-    test["ultralytics"] = _ultralytics_figures(lab, lab.model(version), settings, lab.cycle_dir(n) / "test_new",
+    test["ultralytics"] = ultralytics_figures(lab, lab.model(version), settings, lab.cycle_dir(n) / "test_new",
                                                device, test["imgsz"])
     card = {
         "version": f"v{version}", "file": f"v{version}.pt", "sha256": sha256_of(lab.model(version)),
-        "parent": f"v{parent}", "created": _now(), "cycle": n,
+        "parent": f"v{parent}", "created": now(), "cycle": n,
         "trained_on": [*parent_card.get("trained_on", []), {
             "set": f"cycle {n}", "labels": str(lab.labels_dir(n).relative_to(lab.root)), "zip": state["zip"],
             "zip_sha256": state["zip_sha256"], **state["labels"]}],
         "all_labels": str(lab.labelled_yaml.relative_to(lab.root)),
         "command": state["command"], "config": str((lab.cycle_dir(n) / "run" / "config.yaml").relative_to(lab.root)),
-        "imgsz": parent_card.get("imgsz"), **_versions(), "test": test,
+        "imgsz": parent_card.get("imgsz"), **software_versions(), "test": test,
         "vs_parent": state["comparison"], "rule": RULE,
         "decision": "promoted" if state["promote"] else f"FORCED with --force although {state['reason']}",
     }  # fmt: skip
@@ -559,109 +377,3 @@ def cycle_status(lab: str) -> StatusSummary:
         elif not state.get("version"):
             pending.append(f"cycle {n}: labels kept, model not promoted ({state.get('reason', '')})")
     return StatusSummary(lab_.root, rows, current, pending)
-
-
-# ---------------------------------------------------------------------------------------------------------- helpers
-def _score(lab: Lab, weights: Path, settings: LabSettings, folder: Path, device: str, per_image: bool = False) -> dict:
-    """The one evaluator on the test set, 95 % intervals, and Ultralytics' own val of a .pt (its mAP50)."""
-    from cellseg_pl.evaluate import evaluate
-
-    result = evaluate(weights, lab.test_data, split="test", conf=settings.conf, device=device, per_image=True)
-    out = {k: result[k] for k in ("mAP50(M)", "mAP50-95(M)", "F1@0.5", "P@0.5", "R@0.5", "count_MAE", "images",
-                                  "imgsz")}
-    out["conf"] = settings.conf
-    out["ci95"] = bootstrap_ci(result["per_image"])
-    if Path(weights).suffix == ".pt":
-        out["ultralytics"] = _ultralytics_figures(lab, weights, settings, folder, device, result["imgsz"])
-    if per_image:
-        out["per_image"] = result["per_image"]
-    return out
-
-
-def _ultralytics_figures(lab: Lab, pt: Path, settings: LabSettings, folder: Path, device: str, imgsz: int) -> dict:
-    """``yolo segment val``'s figures of a .pt on the test set (the numbers of the lab's history)."""
-    from cellseg_pl.yolo.val import ultralytics_val
-
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "ultralytics_test.yaml"  # (Ultralytics wants train and val keys: a file of its own, removed)
-    write_atomic(data, yaml.safe_dump({"path": str(lab.root / "test"), "train": "images/test", "val": "images/test",
-                                       "names": settings.names}))
-    try:
-        return ultralytics_val(pt, data, imgsz, folder, device="cpu" if str(device) == "cpu" else
-                               str(device).replace("cuda:", ""))
-    finally:
-        data.unlink(missing_ok=True)
-
-
-def _labelled_yaml(lab: Lab, settings: LabSettings) -> str:
-    """Every labelled set so far: the ones before the lab, then each converted cycle, in order (val keeps its first
-    images and grows)."""
-    from cellseg_pl.data.dataset import load_dataset_yaml
-
-    train, val = [], []
-    for path in settings.labelled:  # their own train/val entries, made absolute
-        spec = load_dataset_yaml(path)
-        raw = yaml.safe_load(Path(path).read_text())
-        for key, out in (("train", train), ("val", val)):
-            entries = raw.get(key) or []
-            for entry in entries if isinstance(entries, list) else [entries]:
-                out.append(str(Path(entry) if Path(str(entry)).is_absolute() else spec.root / str(entry)))
-    for n in lab.cycles():
-        for key, out in (("train", train), ("val", val)):
-            folder = lab.labels_dir(n) / "images" / key
-            if (lab.labels_dir(n) / "dataset.yaml").is_file() and folder.is_dir():
-                out.append(str(folder))
-    return ("# every label so far (written by cycle learn): what the next fine-tune trains on\n"
-            + yaml.safe_dump({"path": str(lab.root), "train": train, "val": val, "names": settings.names},
-                             sort_keys=False))
-
-
-def _cells(data_yaml: Path) -> int:
-    from cellseg_pl.data.dataset import load_dataset_yaml
-
-    spec = load_dataset_yaml(data_yaml)
-    total = 0
-    for split in spec.splits.values():
-        for p in split:
-            label = label_path_for(p)
-            if label.is_file():
-                total += sum(1 for line in label.read_text().splitlines() if line.strip())
-    return total
-
-
-def _versions() -> dict[str, str]:
-    import cellseg_pl
-    from cellseg_pl.yolo.network import ultralytics_version
-
-    return {"cellseg_pl": cellseg_pl.__version__, "ultralytics": ultralytics_version(),
-            "python": sys.version.split()[0]}
-
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def write_card(lab: Lab, version: int, card: dict) -> None:
-    """``models/vN.json`` and a short ``models/vN.md`` for people."""
-    write_json(lab.card_file(version), card)
-    t = card["test"]
-    ci = t["ci95"]
-    lines = [
-        f"# Model v{version}", "",
-        f"- file: `{card['file']}` (sha256 `{card['sha256'][:16]}...`), created {card['created']}",
-        f"- parent: {card.get('parent') or 'none (adopted: ' + str(card.get('adopted_from')) + ')'}",
-        f"- decision: {card['decision']}",
-        f"- test set ({t['images']} images, conf {t['conf']}): F1 {ci['F1'][0]:.3f} [{ci['F1'][1]:.3f}, "
-        f"{ci['F1'][2]:.3f}], mask mAP50-95 {ci['mAP50-95'][0]:.3f} [{ci['mAP50-95'][1]:.3f}, "
-        f"{ci['mAP50-95'][2]:.3f}] (COCO, full resolution), mask mAP50 {t['mAP50(M)']:.3f}, counting error "
-        f"{t['count_MAE']:.2f} cells per image",
-    ]  # fmt: skip
-    if t.get("ultralytics"):
-        lines.append(f"- `yolo segment val` on the test set: mask mAP50 {t['ultralytics']['mAP50(M)']:.3f}, mask "
-                     f"mAP50-95 {t['ultralytics']['mAP50-95(M)']:.3f} (masks at 1/4 resolution, Ultralytics' numbers)")
-    for s in card.get("trained_on", []):
-        lines.append(f"- trained on: {s['set']}" + (f", {s['train']} train / {s['val']} val images, {s['cells']} cells, "
-                                                  f"zip sha256 `{s['zip_sha256'][:16]}...`" if "train" in s else ""))
-    if card.get("command"):
-        lines.append(f"- command: `{card['command']}`")
-    write_atomic(lab.root / "models" / f"v{version}.md", "\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from cellseg_pl.data.labels import label_path_for
 from cellseg_pl.errors import CellSegError
 from cellseg_pl.files import write_atomic
 
@@ -201,3 +202,39 @@ class Lab:
 
     def write_state(self, n: int, state: dict) -> None:
         write_json(self.cycle_dir(n) / "state.json", state)
+
+
+def labelled_yaml_text(lab: Lab, settings: LabSettings) -> str:
+    """Every labelled set so far: the ones before the lab, then each converted cycle, in order (val keeps its first
+    images and grows)."""
+    from cellseg_pl.data.dataset import load_dataset_yaml
+
+    train, val = [], []
+    for path in settings.labelled:  # their own train/val entries, made absolute
+        spec = load_dataset_yaml(path)
+        raw = yaml.safe_load(Path(path).read_text())
+        for key, out in (("train", train), ("val", val)):
+            entries = raw.get(key) or []
+            for entry in entries if isinstance(entries, list) else [entries]:
+                out.append(str(Path(entry) if Path(str(entry)).is_absolute() else spec.root / str(entry)))
+    for n in lab.cycles():
+        for key, out in (("train", train), ("val", val)):
+            folder = lab.labels_dir(n) / "images" / key
+            if (lab.labels_dir(n) / "dataset.yaml").is_file() and folder.is_dir():
+                out.append(str(folder))
+    return ("# every label so far (written by cycle learn): what the next fine-tune trains on\n"
+            + yaml.safe_dump({"path": str(lab.root), "train": train, "val": val, "names": settings.names},
+                             sort_keys=False))
+
+
+def count_cells(data_yaml: Path) -> int:
+    from cellseg_pl.data.dataset import load_dataset_yaml
+
+    spec = load_dataset_yaml(data_yaml)
+    total = 0
+    for split in spec.splits.values():
+        for p in split:
+            label = label_path_for(p)
+            if label.is_file():
+                total += sum(1 for line in label.read_text().splitlines() if line.strip())
+    return total
