@@ -113,7 +113,7 @@ def lab_inputs(tmp_path_factory):
     predict_folder(v1, test_images, root / "test_predictions.json", conf=CONF)
     assert json.loads((root / "test_predictions.json").read_text())["annotations"], "the first model finds nothing"
     (pool / "same_as_a_test_image.png").write_bytes(sorted(test_images.iterdir())[0].read_bytes())
-    return {"root": root, "v1": v1, "pool": pool, "test_images": test_images,
+    return {"root": root, "v1": v1, "pool": pool, "test_images": test_images, "data": data,
             "test_zip": zip_predictions(root / "test_predictions.json", root / "test.zip")}
 
 
@@ -186,6 +186,7 @@ def test_two_cycles_lineage_no_overwrite_kill_resume_and_refusal(lab_inputs, tmp
     v2 = L.card(2)
     assert v2["parent"] == "v1" and v2["cycle"] == 1 and L.current() == 2
     assert v2["trained_on"][-1]["zip_sha256"] and v2["trained_on"][-1]["train"] + v2["trained_on"][-1]["val"] == 4
+    assert [t["set"] for t in v2["trained_on"][1:]] == ["cycle 1"]
     assert set(v2["vs_parent"]) == {"F1", "mAP50-95", "count_MAE"} and "ci95" in v2["vs_parent"]["F1"]
     assert "--model.model" in v2["command"] and v2["config"] == "cycles/cycle1/run/config.yaml"
     v1_bytes = L.model(1).read_bytes()
@@ -213,7 +214,8 @@ def test_two_cycles_lineage_no_overwrite_kill_resume_and_refusal(lab_inputs, tmp
         torch.save(ckpt, path)
 
     monkeypatch.setattr(cycle_module, "_fine_tune", broken_fine_tune)
-    L.settings_file.write_text(yaml.safe_dump(settings))  # the default tolerance, 0.005
+    # the default tolerance, 0.005; and a labelled set added by hand to lab.yaml (trained on from now on)
+    L.settings_file.write_text(yaml.safe_dump({**settings, "labelled": [str(lab_inputs["data"])]}))
     assert L.card(2)["test"]["F1@0.5"] > 0.01
     assert cycle("learn", "--lab", str(lab), "--corrected", str(z2)) == 0
     out = capsys.readouterr().out
@@ -227,6 +229,10 @@ def test_two_cycles_lineage_no_overwrite_kill_resume_and_refusal(lab_inputs, tmp
     assert "v3 FORCED" in capsys.readouterr().out and L.current() == 3
     assert L.card(3)["decision"].startswith("FORCED with --force although worse: F1") and L.card(3)["parent"] == "v2"
     assert "FORCED" in (lab / "models" / "v3.md").read_text()
+    # v3 trained on cycle 2's labels too (kept although cycle 2's model was not promoted)
+    sets = ["labelled before the lab", "cycle 1", "cycle 2", "cycle 3"]
+    assert [t["set"] for t in L.card(3)["trained_on"][1:]] == sets
+    assert L.card(3)["trained_on"][1]["train"] == 8 and "labelled before the lab" in (lab / "models" / "v3.md").read_text()
     # the pool is used up (its copy of a test image is never offered)
     assert cycle("next", "--lab", str(lab), "--k", "4") == 2
     assert "has no image left that is not labelled or in the test set" in capsys.readouterr().err

@@ -77,8 +77,10 @@ def write_card(lab: Lab, version: int, card: dict) -> None:
         lines.append(f"- `yolo segment val` on the test set: mask mAP50 {t['ultralytics']['mAP50(M)']:.3f}, mask "
                      f"mAP50-95 {t['ultralytics']['mAP50-95(M)']:.3f} (masks at 1/4 resolution, Ultralytics' numbers)")
     for s in card.get("trained_on", []):
-        lines.append(f"- trained on: {s['set']}" + (f", {s['train']} train / {s['val']} val images, {s['cells']} cells, "
-                                                  f"zip sha256 `{s['zip_sha256'][:16]}...`" if "train" in s else ""))
+        counts = f", {s['train']} train / {s['val']} val images, {s['cells']} cells" if "train" in s else ""
+        source = f", zip sha256 `{s['zip_sha256'][:16]}...`" if "zip_sha256" in s else (
+            f", {s['data']}" if s.get("data") else "")
+        lines.append(f"- trained on: {s['set']}{counts}{source}")
     if card.get("command"):
         lines.append(f"- command: `{card['command']}`")
     write_atomic(lab.root / "models" / f"v{version}.md", "\n".join(lines) + "\n")

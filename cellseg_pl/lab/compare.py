@@ -109,20 +109,17 @@ def paired_bootstrap(old: list[dict], new: list[dict], resamples: int = 1000, se
     return out
 
 
-#: The promotion rule, in words (model cards and ``cycle learn`` say it).
+#: The promotion rule, in words (model cards and ``cycle learn`` say it). The 95 % intervals are reported beside it,
+#: not part of it: on a test set of a few hundred cells a consistent loss of 0.001 mAP already has an interval below
+#: 0, and the tolerance is there to let such noise through.
 RULE = ("promoted when it is not worse: on the fixed test set, neither F1 nor mask mAP50-95 falls by more than the "
-        "tolerance (0.005) and the upper end of neither 95 % interval is below 0")
+        "tolerance (0.005 by default, lab.yaml)")
 
 
 def not_worse(comparison: dict[str, Difference], tolerance: float = 0.005) -> tuple[bool, str]:
     """Whether the new model may replace the old one (:data:`RULE`), and why in one line."""
-    reasons = []
-    for k in ("F1", "mAP50-95"):
-        d = comparison[k]
-        if d.delta < -tolerance:
-            reasons.append(f"{k} {d.old:.3f} -> {d.new:.3f} ({d.delta:+.3f})")
-        elif d.high < 0:
-            reasons.append(f"{k} lower on nearly every resample (95 % interval {d.low:+.3f} .. {d.high:+.3f})")
+    reasons = [f"{k} {comparison[k].old:.3f} -> {comparison[k].new:.3f} ({comparison[k].delta:+.3f})"
+               for k in ("F1", "mAP50-95") if comparison[k].delta < -tolerance]
     if reasons:
         return False, "worse: " + "; ".join(reasons)
     return True, "not worse: " + ", ".join(f"{k} {comparison[k].delta:+.3f}" for k in ("F1", "mAP50-95"))

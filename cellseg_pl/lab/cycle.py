@@ -26,7 +26,8 @@ from cellseg_pl.files import write_atomic
 from cellseg_pl.infer.options import InferenceOptions
 from cellseg_pl.lab.card import now, score_on_test, software_versions, ultralytics_figures, write_card
 from cellseg_pl.lab.compare import RULE, not_worse, paired_bootstrap
-from cellseg_pl.lab.folder import Lab, LabError, LabSettings, count_cells, labelled_yaml_text, sha256_of
+from cellseg_pl.lab.folder import (Lab, LabError, LabSettings, count_cells, labelled_sets, labelled_yaml_text,
+                                   sha256_of)
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,7 @@ def cycle_learn(
                                           per_image=True)
         comparison = paired_bootstrap(records["old"]["per_image"], records["new"]["per_image"])
         promote, why = not_worse(comparison, settings.tolerance)
-        state.update(comparison={k: d.as_dict() for k, d in comparison.items()}, promote=promote, reason=why,
-                     forced=bool(force and not promote))
+        state.update(comparison={k: d.as_dict() for k, d in comparison.items()}, promote=promote, reason=why)
         state["new_test"] = {k: v for k, v in records["new"].items() if k != "per_image"}
         state["step"] = "scored"
         lab_.write_state(n, state)
@@ -226,8 +226,8 @@ def cycle_learn(
     if state["promote"] or force:
         state["forced"] = bool(not state["promote"])
         new_version = _promote(lab_, n, state, settings, device)
-        decision = (f"v{new_version} {'promoted' if state['promote'] else 'FORCED (worse: ' + state['reason'] + ')'}; "
-                    f"{state['reason'] if state['promote'] else ''}").rstrip("; ")
+        decision = (f"v{new_version} promoted: {state['reason']}" if state["promote"] else
+                    f"v{new_version} FORCED with --force although {state['reason']}")
     else:
         decision = (f"the new model is not promoted ({state['reason']}); {state['model']} stays current; the "
                     f"labels are kept for the next cycle ({RULE})")
@@ -255,9 +255,10 @@ def _convert(lab: Lab, n: int, state: dict, zip_path: Path) -> None:
         raise LabError("--corrected", f"{zip_path.name} holds images that are not cycle {n}'s "
                        f"({', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''})",
                        f"export the CVAT task made from {lab.cycle_dir(n) / 'images'}")
-    if spec.names != Lab(lab.root).settings().names:
+    names_of_lab = lab.settings().names
+    if spec.names != names_of_lab:
         shutil.rmtree(out)
-        raise LabError("--corrected", f"its classes {spec.names} are not the lab's {lab.settings().names}",
+        raise LabError("--corrected", f"its classes {spec.names} are not the lab's {names_of_lab}",
                        "use the lab's labels in CVAT")
     state["labels"] = {"train": len(spec.splits.get("train", [])), "val": len(spec.splits.get("val", [])),
                        "cells": count_cells(out / "dataset.yaml")}
@@ -307,15 +308,22 @@ def _promote(lab: Lab, n: int, state: dict, settings: LabSettings, device: str) 
         export_model(lab.cycle_dir(n) / "run" / "weights" / "best.ckpt", lab.model(version))
     parent = int(state["model"][1:])
     parent_card = lab.card(parent)
+    # what this fine-tune trained on (labelled.yaml): the sets labelled before the lab and every converted cycle up
+    # to this one, also those whose own model was not promoted; before them, what the adopted v1 was trained on
+    cycles = []
+    for m in lab.cycles():
+        done = lab.state(m) if m != n else state
+        if m <= n and "labels" in done:
+            cycles.append({"set": f"cycle {m}", "labels": str(lab.labels_dir(m).relative_to(lab.root)),
+                           "zip": done["zip"], "zip_sha256": done["zip_sha256"], **done["labels"]})
+    adopted = [s for s in parent_card.get("trained_on", []) if "train" not in s]
     test = dict(state["new_test"])
     test["ultralytics"] = ultralytics_figures(lab, lab.model(version), settings, lab.cycle_dir(n) / "test_new",
                                                device, test["imgsz"])
     card = {
         "version": f"v{version}", "file": f"v{version}.pt", "sha256": sha256_of(lab.model(version)),
         "parent": f"v{parent}", "created": now(), "cycle": n,
-        "trained_on": [*parent_card.get("trained_on", []), {
-            "set": f"cycle {n}", "labels": str(lab.labels_dir(n).relative_to(lab.root)), "zip": state["zip"],
-            "zip_sha256": state["zip_sha256"], **state["labels"]}],
+        "trained_on": [*adopted, *labelled_sets(settings), *cycles],
         "all_labels": str(lab.labelled_yaml.relative_to(lab.root)),
         "command": state["command"], "config": str((lab.cycle_dir(n) / "run" / "config.yaml").relative_to(lab.root)),
         "imgsz": parent_card.get("imgsz"), **software_versions(), "test": test,

@@ -238,3 +238,15 @@ def count_cells(data_yaml: Path) -> int:
             if label.is_file():
                 total += sum(1 for line in label.read_text().splitlines() if line.strip())
     return total
+
+
+def labelled_sets(settings: LabSettings) -> list[dict]:
+    """The data sets labelled before the lab (``lab.yaml``'s ``labelled``), as model cards list them."""
+    from cellseg_pl.data.dataset import load_dataset_yaml
+
+    out = []
+    for path in settings.labelled:
+        spec = load_dataset_yaml(path)
+        out.append({"set": "labelled before the lab", "data": str(path), "train": len(spec.splits.get("train", [])),
+                    "val": len(spec.splits.get("val", [])), "cells": count_cells(Path(path))})
+    return out
