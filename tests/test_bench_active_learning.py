@@ -1,11 +1,12 @@
-"""benchmarks/active_learning.py: selection, cost accounting and labels-to-reach on tiny synthetic data.
+"""benchmarks/active_learning.py: arms, recipes, the simulated CVAT export, cost accounting and labels-to-reach on
+tiny synthetic data.
 
-No download and no training: the strategies get made-up uncertainty scores, the costs made-up errors.
+No download and no training: the costs get made-up errors, the curves made-up rows (the cycle itself is the lab's,
+tested in tests/test_lab.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,61 +24,67 @@ from cellseg_pl.data.dataset import load_dataset_yaml  # noqa: E402
 from cellseg_pl.infer.predict import Instance  # noqa: E402
 
 
-def names(frames: int = 6, windows: int = 3) -> list[str]:
-    return [f"t{f:03d}_y0000_x{320 * w:04d}.png" for f in range(frames) for w in range(windows)]
+def test_arms_are_strategy_and_recipe():
+    assert al.parse_arm("random") == ("random", "lab")
+    assert al.parse_arm("uncertainty:guide") == ("uncertainty", "guide")
+    for bad in ("diverse", "random:fast", "random:"):
+        if bad == "random:":
+            assert al.parse_arm(bad) == ("random", "lab")
+            continue
+        with pytest.raises(ValueError, match="STRATEGY"):
+            al.parse_arm(bad)
 
 
-def test_tile_key_and_near_duplicates():
-    assert al.tile_key("t007_y0288_x0640.png") == (7, 288, 640)
-    assert al.tile_key("sub/t007_y0288_x0640.png") == (7, 288, 640)
-    assert al.tile_key("image_1.png") is None
-    assert al.near_duplicate("t003_y0000_x0000.png", "t005_y0000_x0000.png", 2)
-    assert not al.near_duplicate("t003_y0000_x0000.png", "t006_y0000_x0000.png", 2)
-    assert not al.near_duplicate("t003_y0000_x0000.png", "t003_y0000_x0320.png", 2)  # another window
-    assert not al.near_duplicate("a.png", "a.png", 2)  # unknown layout: never a near-duplicate
+def test_seed_set_is_reproducible_per_seed():
+    pool = [f"img{i:02d}.png" for i in range(30)]
+    first = al.pick_random(pool, 5, np.random.default_rng([0, 12345]))
+    assert first == al.pick_random(pool[::-1], 5, np.random.default_rng([0, 12345]))
+    assert first != al.pick_random(pool, 5, np.random.default_rng([1, 12345]))
+    assert len(set(first)) == 5 and sorted(al.pick_random(pool[:3], 5, np.random.default_rng(0))) == pool[:3]
 
 
-def test_strategies_pick_k_new_tiles():
-    pool = names()
-    labelled = pool[:2]
-    candidates = [n for n in pool if n not in labelled]
-    scores = {n: i / 100 for i, n in enumerate(candidates)}  # the last names are the most uncertain
-    for strategy in al.STRATEGIES:
-        picks = al.choose(strategy, candidates, 5, al.strategy_rng(0, strategy, 1), scores, labelled)
-        assert len(picks) == len(set(picks)) == 5 and set(picks) <= set(candidates), strategy
-    # random: reproducible per seed x strategy x cycle, different across seeds
-    first = al.choose("random", candidates, 5, al.strategy_rng(0, "random", 1))
-    assert first == al.choose("random", candidates, 5, al.strategy_rng(0, "random", 1))
-    assert first != al.choose("random", candidates, 5, al.strategy_rng(1, "random", 1))
-    # uncertainty: select's top k, most uncertain first
-    assert al.choose("uncertainty", candidates, 3, None, scores) == candidates[::-1][:3]
-    # mixed: the top 3 of 4, then one random pick from the rest
-    mixed = al.choose("mixed", candidates, 4, al.strategy_rng(0, "mixed", 1), scores, random_share=0.25)
-    assert mixed[:3] == candidates[::-1][:3] and mixed[3] not in candidates[::-1][:3]
-    assert al.choose("mixed", candidates, 4, al.strategy_rng(0, "mixed", 1), scores, random_share=0) == \
-        candidates[::-1][:4]
-    # all of a small pool
-    assert sorted(al.choose("random", candidates[:2], 5, al.strategy_rng(0, "random", 1))) == sorted(candidates[:2])
-    with pytest.raises(ValueError, match="needs the uncertainty"):
-        al.choose("uncertainty", candidates, 3, None, None)
-    with pytest.raises(ValueError, match="no score"):
-        al.choose("diverse", candidates, 3, None, {candidates[0]: 1.0})
+def test_recipes_scale_the_labs_recipe_and_the_guide_one_is_optimizer_auto():
+    import yaml
+
+    from cellseg_pl.lab.init import RECIPE
+
+    text = RECIPE.format(epochs=100, min_area=0.0, imgsz=256, batch_size=8, patience=20)
+    lab = yaml.safe_load(al.fine_tuning_recipe(text, "lab", 3, 8, 8, 2, "auto"))
+    guide = yaml.safe_load(al.fine_tuning_recipe(text, "guide", 3, 8, 8, 2, "auto"))
+    for doc in (lab, guide):
+        assert doc["seed_everything"] == 3 and doc["trainer"]["max_epochs"] == 8
+        assert doc["early_stopping"]["patience"] == 8 and doc["model"]["nbs"] == 8
+        assert (doc["data"]["close_mosaic"], doc["data"]["copy_paste"], doc["data"]["imgsz"]) == (2, 0.3, 256)
+    assert (lab["model"]["optimizer"], lab["model"]["lr0"], lab["model"]["warmup_bias_lr"]) == ("AdamW", 0.0005, 0.0005)
+    # the guide's command: lr0=0.0005 is given but optimizer auto ignores it; the bias warmup is Ultralytics' default
+    assert (guide["model"]["optimizer"], guide["model"]["lr0"]) == ("auto", 0.0005)
+    assert "warmup_bias_lr" not in guide["model"]
+    with pytest.raises(ValueError, match="unknown recipe"):
+        al.fine_tuning_recipe(text, "fast", 0, 8, 8, 2, "auto")
 
 
-def test_diverse_skips_neighbouring_frames_of_a_window():
-    pool = names(frames=9, windows=2)
-    # window x0000 is far more uncertain than x0320, and later frames more than earlier ones
-    scores = {n: (10 if "x0000" in n else 0) + al.tile_key(n)[0] / 10 for n in pool}
-    picks = al.choose("diverse", pool, 4, None, scores, labelled=[], near_frames=2)
-    assert picks[:3] == ["t008_y0000_x0000.png", "t005_y0000_x0000.png", "t002_y0000_x0000.png"]
-    assert picks[3] == "t008_y0000_x0320.png"  # not t007 of window x0000: a neighbour of t008
-    assert al.choose("uncertainty", pool, 2, None, scores) == ["t008_y0000_x0000.png", "t007_y0000_x0000.png"]
-    # neighbours of what is labelled are skipped too; when nothing else is left, skipped ones fill the batch
-    labelled = ["t004_y0000_x0000.png"]
-    rest = [n for n in pool if "x0000" in n and n not in labelled]
-    picks = al.choose("diverse", rest, len(rest), None, {n: scores[n] for n in rest}, labelled)
-    assert sorted(picks) == sorted(rest)
-    assert picks[:2] == ["t008_y0000_x0000.png", "t001_y0000_x0000.png"]  # t007/t006/t005 are neighbours
+def test_simulated_cvat_export_converts_back_to_the_true_labels(tmp_path):
+    from cellseg_pl.cvat.convert import convert_coco_zip
+
+    data, _ = al.build_synthetic(tmp_path / "syn", {"train": 10, "val": 2, "test": 2})
+    pool = al.Pool(data)
+    picks = sorted(pool.paths)[:3]
+    corrected = al.true_labels_zip([pool.paths[n] for n in picks], pool.names_map, tmp_path / "corrected.zip")
+    out = tmp_path / "converted"
+    convert_coco_zip(corrected, out, images_dir=pool.folder)
+    spec = load_dataset_yaml(out / "dataset.yaml")
+    converted = {p.name: p for split in spec.splits.values() for p in split}
+    assert sorted(converted) == picks and spec.names == pool.names_map
+    for name in picks:
+        h, w = cv2.imread(str(pool.paths[name])).shape[:2]
+        truth, _ = al.true_instances(pool.paths[name], h, w, 1)
+        back, _ = al.true_instances(converted[name], h, w, 1)
+        assert len(back) == len(truth) == pool.cells[name]
+        inter = (truth & back).sum(dim=(1, 2)).float()
+        union = (truth | back).sum(dim=(1, 2)).float()
+        # the same outlines: convert re-traces each outline through pixel centres (~0.5 px inside, 0.86 on these
+        # ~200 px cells); a wrong image or a shifted polygon gives far less
+        assert (inter / union).min() > 0.8, name
 
 
 def test_costs_and_rows():
@@ -98,7 +105,8 @@ def test_costs_and_rows():
     assert (third["cum_corrections"], third["added_corrections"], third["added_images"]) == (21, 7, 3)
     with pytest.raises(ValueError, match="previous"):
         al.cycle_row("random", 0, 1, ["a"], cost, cells, {})
-    assert set(al.CSV_FIELDS) <= set(second) | {"fit_s", "select_s", "weights"}
+    assert set(al.CSV_FIELDS) <= set(second) | {"promoted", "deployed", "deployed_F1", "deployed_mAP50-95",
+                                              "next_s", "learn_s", "weights"}
 
 
 def _disc(h: int, w: int, cy: int, cx: int, r: int) -> np.ndarray:
@@ -180,20 +188,6 @@ def test_plot_curves_writes_a_png(tmp_path):
     assert image is not None and image.shape[:2] == (480, 1200)
 
 
-def test_estimate_and_measured_rates():
-    rates = al.measured_rates(
-        fits=[{"wall_s": 20.0, "train_s": [4.0, 4.0], "val_s": [1.0, 1.0], "images": 4}],
-        selects=[(10, 5.0)], tests=[(12, 6.0)], corrects=[(4, 1.0)], val_images=10,
-    )
-    assert rates == {"fit_overhead_s": 10.0, "train_s_per_image_epoch": 1.0, "val_s_per_image_epoch": 0.1,
-                     "select_s_per_image": 0.5, "test_s_per_image": 0.5, "correct_s_per_image": 0.25}
-    one = dict(pool=10, val=10, test=2, seed_size=2, k=2, cycles=1, epochs=1, seed_epochs=1, strategies=2, seeds=1)
-    # seed fit 10 + 1 * (2 + 1) + test 1; per strategy: fit 10 + 4 + 1, test 1, corrections 0.5; select of 8: 4
-    assert al.estimate_seconds(rates, **one) == pytest.approx(14 + 2 * 16.5 + 4)
-    assert al.estimate_seconds(rates, **{**one, "seeds": 3}) == pytest.approx(3 * 51)
-    assert set(al.FULL) == set(one)
-
-
 def test_pool_counts_cells_and_writes_the_labelled_split(tmp_path):
     root = tmp_path / "dataset"
     for split, frame in (("train", 0), ("train", 1), ("val", 2), ("test", 3)):
@@ -264,29 +258,30 @@ def test_parse_flags(tmp_path):
     a = al.parse(["--quick"])
     assert (a.seeds, a.cycles, a.k, a.seed_size, a.epochs, a.train_frames) == ([0], 2, 4, 4, 1, "0-2")
     a = al.parse([])
-    assert (a.seeds, a.cycles, a.k, a.epochs, a.strategies) == ([0, 1, 2], 5, 12, 10, list(al.STRATEGIES))
+    assert (a.seeds, a.cycles, a.k, a.epochs, a.arms) == ([0, 1, 2], 5, 12, 10, list(al.ARMS))
     assert al.parse(["--quick", "--k", "6", "--seeds", "3", "4"]).k == 6
     assert (a.dataset, a.imgsz) == ("hela", 320)
     assert al.parse(["--dataset", "synthetic"]).imgsz == 256 and al.parse(["--dataset", "synthetic",
                                                                            "--imgsz", "320"]).imgsz == 320
-    for bad in (["--strategies", "uncertainty"], ["--k", "0"], ["--imgsz", "300"], ["--random-share", "2"],
+    assert al.parse(["--arms", "random", "random:guide", "random"]).arms == ["random", "random:guide"]
+    for bad in (["--arms", "uncertainty"], ["--arms", "random", "diverse"], ["--k", "0"], ["--imgsz", "300"],
                 ["--seed-model", str(tmp_path / "missing.ckpt")]):
         with pytest.raises(SystemExit):
             al.parse(bad)
 
 
-def test_fine_tunes_get_the_extra_fit_flags_and_the_seed_fit_does_not(tmp_path, monkeypatch):
-    monkeypatch.setattr(al, "spawn", lambda cmd, log: {"returncode": 1})  # no training: read the spec it wrote
-    a = al.parse(["--dataset", "synthetic", "--finetune-args=--model.warmup_bias_lr 0.0005 --model.warmup_epochs 1"])
-    for finetune, expected in ((True, ["--model.optimizer", "AdamW", "--model.lr0", "0.0005",
-                                       "--model.warmup_bias_lr", "0.0005", "--model.warmup_epochs", "1"]),
-                               (False, [])):  # fmt: skip
-        out = tmp_path / f"fit_{finetune}"
-        with pytest.raises(SystemExit, match="fit failed"):
-            al.fit(a, tmp_path / "data.yaml", "start.ckpt", 2, 0, out, finetune=finetune)
-        assert json.loads((out / "spec.json").read_text())["extra_args"] == expected
-    with pytest.raises(SystemExit):  # an unbalanced quote is refused before anything runs
-        al.parse(["--finetune-args=--model.lr0 '0.001"])
+def test_cycle_table_flags_a_cycle_that_loses_f1():
+    rows = []
+    for seed, noise in ((0, -0.01), (1, 0.01)):
+        for cycle, (f1, promoted) in enumerate(((0.90, ""), (0.88, False), (0.93, True))):
+            rows.append({"strategy": "random", "seed": seed, "cycle": cycle, "labelled_images": 20 + 10 * cycle,
+                         "F1": f1 + noise, "mAP50-95": 0.7, "deployed_F1": max(0.90, f1) + noise,
+                         "promoted": promoted})
+    table = al.cycle_table(rows, ["random"])
+    assert "| random | 1 | 30 | 0.880 ± 0.014 | 0.700 ± 0.000 | 0.900 ± 0.014 | 0/2 |" in table
+    assert "| random | 2 | 40 | 0.930 ± 0.014 | 0.700 ± 0.000 | 0.930 ± 0.014 | 2/2 |" in table
+    assert table.endswith("fell below the cycle before: random cycle 1 (-0.020)")
+    assert al.cycle_table(rows[:1] + rows[3:4], ["random"]).endswith("cycle before: none")
 
 
 def test_prepare_out_refuses_a_foreign_folder_and_resume_keeps_a_run(tmp_path):

@@ -74,25 +74,11 @@ def zip_predictions(predictions: Path, out: Path) -> Path:
 
 
 def zip_true_labels(pool: Path, rels: list[str], out: Path) -> Path:
-    """The cycle's images "corrected in CVAT": their true outlines (the demo labels) as a COCO 1.0 export."""
-    import cv2
+    """The cycle's images "corrected in CVAT": their true outlines (the demo labels) as a COCO 1.0 export, as the
+    active-learning benchmark simulates it."""
+    from benchmarks.active_learning import true_labels_zip
 
-    images, annotations = [], []
-    for i, rel in enumerate(rels, start=1):
-        h, w = cv2.imread(str(pool / rel)).shape[:2]
-        images.append({"id": i, "file_name": rel, "height": h, "width": w})
-        label = pool.parent.parent / "labels" / pool.name / Path(rel).with_suffix(".txt")
-        for line in label.read_text().splitlines():
-            xy = [float(v) for v in line.split()[1:]]
-            poly = [v * (w if k % 2 == 0 else h) for k, v in enumerate(xy)]
-            xs, ys = poly[0::2], poly[1::2]
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1, "segmentation": [poly],
-                                "area": 0.0, "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                                "iscrowd": 0})
-    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cell"}]}
-    with zipfile.ZipFile(out, "w") as zf:
-        zf.writestr("annotations/instances_default.json", json.dumps(coco))
-    return out
+    return true_labels_zip([pool / rel for rel in rels], {0: "cell"}, out)
 
 
 @pytest.fixture(scope="module")
