@@ -18,6 +18,7 @@ import warnings
 
 from cellseg_pl.commands import TOOLS, lightning_style_predict, run_tool
 from cellseg_pl.errors import report_error
+from cellseg_pl.help_cache import cached_help, is_plain_help
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -84,6 +85,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if is_plain_help(argv):  # the text only changes with the code: printed at once after its first run
+        return cached_help(argv, prog, lambda: _run(argv, prog, from_sys))
+    return _run(argv, prog, from_sys)
+
+
+def _run(argv: list[str], prog: str | None, from_sys: bool) -> int:
+    """The command ``argv[0]`` (``from_sys``: LightningCLI may read ``sys.argv`` itself)."""
     if argv[0] == "cycle":  # two words: cycle init|next|learn|status
         sub = f"cycle {argv[1]}" if len(argv) > 1 else ""
         if sub not in TOOLS:

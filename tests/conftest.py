@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
+# every --help is generated afresh in the tests (tests/test_cli.py turns the cache on where it tests it)
+os.environ["CELLSEG_PL_NO_HELP_CACHE"] = "1"
 
 
 class NetworkAccessError(RuntimeError):

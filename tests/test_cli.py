@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import inspect
 import re
 from pathlib import Path
@@ -22,9 +23,7 @@ def init_args(cls) -> list[str]:
 
 
 def test_fit_help_documents_every_model_and_data_argument(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--help"])
-    assert exit_info.value.code == 0
+    assert main(["fit", "--help"]) == 0
     help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
     linked = {"num_classes", "class_names", "overlap_mask"}  # linked from the data: said once, in data
     for name in init_args(CellSegModule):
@@ -57,6 +56,73 @@ def test_tool_help_is_generated_from_the_signature_and_names_the_command(tool, f
     assert main([tool, "--no-such-flag"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: unrecognized arguments: --no-such-flag (see python -m cellseg_pl {tool} --help)\n"
+
+
+def test_help_is_printed_from_the_cache_after_its_first_run(tmp_path, monkeypatch, capsys):
+    import cellseg_pl.commands as entry
+    import cellseg_pl.help_cache as help_cache
+    import cellseg_pl.train.cli as train_cli
+
+    monkeypatch.delenv("CELLSEG_PL_NO_HELP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for argv in (["fit", "--help"], ["predict", "-h"], ["cycle", "learn", "--help"]):
+        assert main(argv) == 0
+        first = capsys.readouterr().out
+        assert first.startswith("usage: ") and "--help" in first
+        with monkeypatch.context() as m:  # the second time nothing that generates it runs
+            m.setattr(train_cli, "CellSegCLI", None)
+            m.setattr(entry, "tool_parser", None)
+            assert main(argv) == 0
+        assert capsys.readouterr().out == first, argv
+    assert len(list((tmp_path / "cache" / "cellseg_pl" / "help").glob("*.txt"))) == 3
+    # only a plain `<command> --help`: other arguments change it (a --config sets the defaults)
+    assert help_cache.is_plain_help(["fit", "--help"]) and help_cache.is_plain_help(["cycle", "init", "-h"])
+    assert not help_cache.is_plain_help(["fit", "--config", "c.yaml", "--help"])
+    assert not help_cache.is_plain_help(["cycle", "--help"]) and not help_cache.is_plain_help(["fit"])
+    # an edit of the package makes a new key; a failing help is not kept; an unwritable cache is skipped
+    key = help_cache.cache_key(["fit", "--help"], None)
+    monkeypatch.setattr(help_cache.Path, "stat", lambda self, **kw: os.stat_result((0,) * 8 + (1, 1)))
+    assert help_cache.cache_key(["fit", "--help"], None) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache2"))
+    monkeypatch.delenv("CELLSEG_PL_NO_HELP_CACHE", raising=False)
+    assert main(["no-such-command", "--help"]) != 0
+    assert not (tmp_path / "cache2" / "cellseg_pl" / "help").exists() or not list(
+        (tmp_path / "cache2" / "cellseg_pl" / "help").glob("*.txt"))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the folder would go
+    capsys.readouterr()
+    assert main(["export", "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: ") and err == ""
+
+
+def test_convert_imports_neither_torch_nor_lightning(tmp_path):
+    """convert (and its --help) load no torch, torchvision, Lightning or Ultralytics: a zip converts at once."""
+    import subprocess
+    import sys
+
+    from benchmarks.active_learning import true_labels_zip
+    from cellseg_pl.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train=3, n_val=1, size=64, seed=0)
+    images = data.parent / "images" / "train"
+    zip_path = true_labels_zip(sorted(images.iterdir()), {0: "cell"}, tmp_path / "export.zip")
+    code = f"""
+import sys
+from cellseg_pl.__main__ import main
+assert main(["convert", "--help"]) == 0
+assert main(["convert", "--coco-zip", {str(zip_path)!r}, "--images-dir", {str(images)!r},
+             "--output-dir", {str(tmp_path / "out")!r}]) == 0
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "torchvision", "lightning", "ultralytics",
+                                                         "torchmetrics", "albumentations"}})
+print("HEAVY", heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    assert (tmp_path / "out" / "dataset.yaml").is_file()
 
 
 def test_overview_lists_every_command_and_no_argparse_is_left(capsys):
