@@ -44,7 +44,8 @@ class DatasetError(CellSegError):
 
 
 class ImageTooLargeError(DatasetError):
-    """An image over OpenCV's pixel limit (``CV_IO_MAX_IMAGE_PIXELS``, 2^30 px by default): valid, not decodable."""
+    """An image over the pixel limit (``CV_IO_MAX_IMAGE_PIXELS``, 2^28 px by default; its header is read first): valid,
+    not decoded."""
 
 
 class ModelError(CellSegError):

@@ -1,5 +1,5 @@
 """Every command, fed what users really get wrong: garbage, empty or truncated checkpoint files, and a folder with
-no image in it (issue 12). Images over OpenCV's pixel limit are tested per command beside their code
+no image in it (issue 12). Images over the pixel limit are tested per command beside their code
 (test_image_limits.py for the scan before training, test_predict.py, test_select.py, test_convert.py).
 
 Each command runs as a user runs it (``python -m cellseg_pl ...`` in a subprocess) and must answer with rc != 0 and

@@ -1,5 +1,6 @@
-"""Images OpenCV refuses (over its 2^30 px limit): one clear error naming the file, its size and the way out; the
-scan before training skips and counts it and keeps the good images of the folder (issue 12).
+"""Images over the pixel limit (2^28 px, read from the header before decoding; OpenCV's own is 2^30): one clear error
+naming the file, its size and the way out; the scan before training skips and counts it and keeps the good images
+of the folder (issue 12); a giant PNG costs no memory (issue 27).
 
 A real 33000 x 33000 PNG is not needed: OpenCV checks the size in the header before it decodes anything, so a PNG
 whose IHDR says 33000 x 33000 (a few hundred bytes) takes the same path.
@@ -36,6 +37,67 @@ def test_image_over_the_opencv_limit_names_file_size_and_fix(tmp_path):
     assert message.startswith(f"{path}: image is 33000x33000 px")
     assert "CV_IO_MAX_IMAGE_PIXELS" in message and "split it into tiles" in message
     assert "\n" not in message
+
+
+def test_a_giant_image_under_opencvs_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    import cellseg_pl.data.images as images
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    path = write_huge_real(tmp_path / "stitch.png", 30000, 30000)  # 9e8 px: under OpenCV's 2^30, over ours
+    monkeypatch.setattr(images.cv2, "imdecode", no_decoding)
+    with pytest.raises(ImageTooLargeError) as info:
+        read_image(path)
+    assert str(info.value).startswith(f"{path}: image is 30000x30000 px (900,000,000 px; ~5.0 GiB to decode), over "
+                                      "the limit of 268,435,456 px (CV_IO_MAX_IMAGE_PIXELS); split it into tiles")
+    # the variable raises the limit (OpenCV reads the same one): then the image is decoded
+    monkeypatch.setenv("CV_IO_MAX_IMAGE_PIXELS", str(10**9))
+    with pytest.raises(AssertionError, match="decoded"):
+        read_image(path)
+    monkeypatch.setenv("CV_IO_MAX_IMAGE_PIXELS", "1000")  # and lowers it
+    with pytest.raises(ImageTooLargeError, match=r"image is 30000x30000 px .* over the limit of 1,000 px"):
+        read_image(path)
+
+
+def write_huge_real(path: Path, width: int, height: int) -> Path:
+    """A valid PNG of ``width`` x ``height`` black 1-bit gray pixels: OpenCV decodes it (as 8-bit) into ``width *
+    height`` bytes, and into 3 times that as RGB; the file is ~110 KB for 30000 x 30000."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * ((width + 7) // 8 + 1) * height, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_reading_a_giant_png_is_refused_in_little_memory(tmp_path):
+    """Every command reads images through read_image: the 30000 x 30000 PNG costs under 1 GB (its decoding: ~3.5)."""
+    import subprocess
+    import sys
+
+    path = write_huge_real(tmp_path / "stitch.png", 30000, 30000)
+    code = f"""
+from cellseg_pl.data.images import read_image
+from cellseg_pl.errors import ImageTooLargeError
+try:
+    read_image({str(path)!r})
+except ImageTooLargeError as e:
+    print("REFUSED", e)
+# VmHWM: this process' peak (ru_maxrss would carry over the forking test process' own)
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK_MIB", peak_kib // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "CV_IO_MAX_IMAGE_PIXELS"})
+    assert done.returncode == 0, done.stderr
+    assert "REFUSED" in done.stdout and "30000x30000 px" in done.stdout
+    peak = int(done.stdout.split("PEAK_MIB")[1])
+    assert peak < 1024, peak
 
 
 def test_other_opencv_exceptions_become_a_dataset_error(tmp_path, monkeypatch):
@@ -77,7 +139,7 @@ def test_scan_before_training_skips_and_counts_it(tmp_path):
     result = scan_split([good[0], huge, good[1]], 1, "train", tmp_path, log_summary=False)
     assert result.images == good  # the good images of the folder are kept
     assert [str(p) for files in result.skipped_images.values() for p in files] == ["images/train/slide.png"]
-    assert list(result.skipped_images) == ["over OpenCV's pixel limit"]  # its own reason, not "corrupt"
+    assert list(result.skipped_images) == ["over the pixel limit"]  # its own reason, not "corrupt"
     assert "slide.png" in result.summary()
 
 

@@ -328,6 +328,34 @@ def test_large_image_is_tiled_at_full_resolution(tmp_path):
     assert Predictor(BlobNet(), 1, imgsz=128, tile="off").windows(4000, 4000) is None
 
 
+def test_tiled_prediction_shows_its_progress(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import cellseg_pl.infer.engine as engine
+
+    h, w = 600, 700
+    write_image(tmp_path / "large.png", h, w, random_discs(h, w, 20, (9, 14), seed=7))
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "large.png")), cv2.COLOR_BGR2RGB)
+    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0.0)  # a line after every batch of windows
+    monkeypatch.setattr(engine, "PROGRESS_MIN_WINDOWS", 4)
+    tiler = Predictor(BlobNet(), 1, imgsz=128, tile="on", batch_size=8)
+    n = len(tiler.windows(h, w))
+    with caplog.at_level(logging.INFO, logger="cellseg_pl.infer.engine"):
+        found = tiler.predict([image])[0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cellseg_pl.infer.engine"]
+    assert lines[0] == f"tiling a 700x600 px image into {n} windows of 128 px (overlap 32 px)"
+    steps = [line for line in lines if "detections so far" in line]
+    assert [line.split()[0] for line in steps] == [f"{k}/{n}" for k in range(8, n, 8)]
+    assert lines[-1].startswith(f"  {n}/{n} windows in ") and lines[-1].endswith(f": {len(found)} objects after "
+                                                                                 "merging the overlaps")
+    caplog.clear()  # ordinary images, and small tilings, say nothing
+    monkeypatch.setattr(engine, "PROGRESS_MIN_WINDOWS", n)
+    with caplog.at_level(logging.INFO, logger="cellseg_pl.infer.engine"):
+        tiler.predict([image])
+        Predictor(BlobNet(), 1, imgsz=128, tile="off").predict([image])
+    assert not [r for r in caplog.records if r.name == "cellseg_pl.infer.engine"]
+
+
 # ---------------------------------------------------------------------------------------------- overlays
 
 

@@ -29,7 +29,7 @@ ANNOTATION_SKIPS = {
 IMAGE_SKIPS = {
     "missing_file": "file in neither the zip nor --images-dir",
     "corrupt_image": "bytes that cannot be read or that OpenCV cannot decode",
-    "too_large": "over OpenCV's pixel limit (2^30 px): tile it, or raise CV_IO_MAX_IMAGE_PIXELS",
+    "too_large": "over the pixel limit (2^28 px): tile it, or raise CV_IO_MAX_IMAGE_PIXELS",
     "size_mismatch": "decoded size differs from width/height in the JSON",
     "invalid_file_name": "file_name empty, not a string, or escaping its folder ('..', absolute path)",
     "duplicate_image_id": "image id listed twice in one annotation file (the first is kept)",

@@ -65,9 +65,12 @@ def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:
 
     Raises:
         DatasetError: the bytes are not a decodable image; :class:`ImageTooLargeError` when the image is over
-            OpenCV's pixel limit.
+            pixel limit (:func:`max_image_pixels`, read from the header before decoding).
     """
     data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    size = image_size_from_header(data)
+    if size is not None and size[0] * size[1] > max_image_pixels():  # refused before a byte is decoded
+        raise ImageTooLargeError(_too_large(path, data))
     try:
         # ANYDEPTH|ANYCOLOR keeps 16-bit and gray but, unlike IMREAD_UNCHANGED, applies the EXIF orientation as
         # cv2.imread (Ultralytics) and the CVAT converter do, so labels and pixels stay aligned for rotated JPEGs
@@ -92,15 +95,29 @@ def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:
     return img
 
 
+#: Largest image decoded, in pixels, unless ``CV_IO_MAX_IMAGE_PIXELS`` says otherwise: 2^28 (16384 x 16384). An
+#: 8-bit RGB image takes 3 bytes a pixel, and its conversion to RGB a second copy: 2^28 px is ~1.6 GB at the peak.
+#: Checked on the file's header (PNG, JPEG, TIFF, BMP) before decoding: a 30000 x 30000 PNG of 1 MB is refused
+#: without the 5 GB its decoding would take. OpenCV's own limit (the same variable, default 2^30) still applies.
+MAX_IMAGE_PIXELS = 1 << 28
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of :func:`decode_image`: ``CV_IO_MAX_IMAGE_PIXELS`` when set to a number, else
+    :data:`MAX_IMAGE_PIXELS`."""
+    limit = os.environ.get("CV_IO_MAX_IMAGE_PIXELS", "").strip()
+    return int(limit) if limit.isdigit() else MAX_IMAGE_PIXELS
+
+
 def _too_large(path: Path | str, data: np.ndarray) -> str:
-    """The message for an image over OpenCV's pixel limit: its size (from the header) and the way out."""
-    limit = os.environ.get("CV_IO_MAX_IMAGE_PIXELS", "")
-    limit = f"{int(limit):,}" if limit.isdigit() else "2^30"
+    """The message for an image over the pixel limit: its size (from the header), the memory it would take, and
+    the way out."""
     size = image_size_from_header(data)
-    what = f"is {size[0]}x{size[1]} px ({size[0] * size[1]:,} px)," if size else "has more pixels than"
+    what = (f"is {size[0]}x{size[1]} px ({size[0] * size[1]:,} px; ~{6 * size[0] * size[1] / 2**30:.1f} GiB to "
+            f"decode)," if size else "has more pixels than")
     return (
-        f"{path}: image {what} over OpenCV's limit of {limit} px (CV_IO_MAX_IMAGE_PIXELS); split it into tiles, "
-        f"or set the environment variable CV_IO_MAX_IMAGE_PIXELS higher before starting"
+        f"{path}: image {what} over the limit of {max_image_pixels():,} px (CV_IO_MAX_IMAGE_PIXELS); split it into "
+        f"tiles, or set the environment variable CV_IO_MAX_IMAGE_PIXELS higher before starting"
     )
 
 

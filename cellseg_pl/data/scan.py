@@ -69,7 +69,7 @@ EXAMPLES = 3
 
 # reasons an image is skipped
 CORRUPT = "corrupt"
-TOO_LARGE = "over OpenCV's pixel limit"
+TOO_LARGE = "over the pixel limit"
 TRUNCATED = "truncated"
 MISSING = "missing"
 DUPLICATE = "duplicate"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -64,6 +65,9 @@ SAME_OBJECT_IOU = 0.5
 SAME_OBJECT_COVER = 0.5
 #: Default input side when the weights do not store their training ``imgsz``.
 DEFAULT_IMGSZ = 640
+#: Tiled prediction logs its progress every this many seconds, for images of more than this many windows.
+PROGRESS_EVERY_S = 10.0
+PROGRESS_MIN_WINDOWS = 16
 #: Largest number of full-size mask pixels assembled at once (bounds memory on large untiled images).
 _MASK_PIXEL_BUDGET = 1 << 27
 
@@ -286,6 +290,7 @@ class Predictor:
         """
         tiling = [self.windows(*im.shape[:2]) for im in images]
         found: list[list[Instance]] = [[] for _ in images]
+        progress = _TileProgress(images, tiling, self.imgsz, self.tile_overlap)
         inputs = self._inputs(images, tiling)
         while chunk := list(itertools.islice(inputs, self.batch_size)):
             x = torch.from_numpy(np.stack([a for _, a in chunk])).to(self.device)
@@ -294,12 +299,46 @@ class Predictor:
             results = postprocess(det, proto, self.num_classes, self.conf, self.iou, self.max_det, with_masks=False)
             for (win, _), result, p in zip(chunk, results, proto):
                 found[win.image].extend(instances_from(result, p, (self.imgsz, self.imgsz), win))
+            progress.update([win for win, _ in chunk], found)
         for i, windows in enumerate(tiling):
             if windows is not None:
                 found[i] = merge_windows(found[i])
             else:
                 found[i].sort(key=lambda d: -d.score)
+        progress.done(found)
         return found
+
+
+class _TileProgress:
+    """Progress of tiled images on the log: the windows done every :data:`PROGRESS_EVERY_S` seconds, then the
+    objects after merging. Silent when no image of the call is tiled into more than :data:`PROGRESS_MIN_WINDOWS`
+    windows (the lab's ordinary images)."""
+
+    def __init__(self, images: list[np.ndarray], tiling: list[list | None], imgsz: int, overlap: int) -> None:
+        self.tiled = {i: len(w) for i, w in enumerate(tiling) if w is not None and len(w) > PROGRESS_MIN_WINDOWS}
+        self.total = sum(self.tiled.values())
+        self.done_windows = 0
+        self.t0 = self.last = time.monotonic()
+        for i, n in self.tiled.items():
+            h, w = images[i].shape[:2]
+            log.info("tiling a %dx%d px image into %d windows of %d px (overlap %d px)", w, h, n, imgsz, overlap)
+
+    def update(self, windows: list, found: list[list[Instance]]) -> None:
+        if not self.total:
+            return
+        self.done_windows += sum(1 for win in windows if win.image in self.tiled)
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S and self.done_windows < self.total:
+            self.last = now
+            objects = sum(len(found[i]) for i in self.tiled)
+            left = (now - self.t0) / max(self.done_windows, 1) * (self.total - self.done_windows)
+            log.info("  %d/%d windows (%.0f %%), %d detections so far, ~%.0f s left", self.done_windows, self.total,
+                     100 * self.done_windows / self.total, objects, left)
+
+    def done(self, found: list[list[Instance]]) -> None:
+        if self.total:
+            log.info("  %d/%d windows in %.0f s: %d objects after merging the overlaps", self.total, self.total,
+                     time.monotonic() - self.t0, sum(len(found[i]) for i in self.tiled))
 
 
 def instances_from(

@@ -65,7 +65,7 @@ DROPPED = {
 }
 IMAGE_SKIPS = {
     "unreadable": "cannot be decoded (corrupt or not an image)",
-    "too_large": "over OpenCV's pixel limit (split it into tiles, or raise CV_IO_MAX_IMAGE_PIXELS)",
+    "too_large": "over the pixel limit (split it into tiles, or raise CV_IO_MAX_IMAGE_PIXELS)",
 }
 NOTES = {
     "parts_dropped": "objects whose mask had several parts: the largest part was kept",
