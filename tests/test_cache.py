@@ -62,6 +62,25 @@ def test_disk_cache_is_reused_and_renewed_when_an_image_changes(tiny_data, tmp_p
     assert len(list((tmp_path / "c").rglob("*.npz"))) == 4
 
 
+def test_an_image_replaced_by_another_of_the_same_size_and_time_is_not_served_stale(tmp_path):
+    import cv2
+
+    from cellseg_pl.data.images import load_resized
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(2))
+    path = tmp_path / "img.bmp"  # BMP: two different images of one size are files of one size
+    cv2.imwrite(str(path), a)
+    stat = path.stat()
+    first = ImageCache([path], 64, "disk", tmp_path / "c").get(0)[0]
+    cv2.imwrite(str(path), b)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # a copy that keeps the times
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    again = ImageCache([path], 64, "disk", tmp_path / "c").get(0)[0]
+    assert not np.array_equal(again, first)
+    np.testing.assert_array_equal(again, load_resized(path, 64)[0])  # the new image's pixels
+
+
 def test_unknown_cache_mode_names_the_flag(tiny_data):
     with pytest.raises(ValueError, match="--data.cache"):
         CellSegDataModule(str(tiny_data), cache="gpu")

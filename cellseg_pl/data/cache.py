@@ -11,12 +11,14 @@ Modes (Ultralytics' names):
   3.3 GB at most; 640x480 images take 2.5 GB). When that is over the budget (half the available memory, shared by
   the processes of this node) the run goes on without a cache and says so in one log line.
 * ``disk``: ``.npz`` arrays in ``<dataset folder>/.cellseg_cache/<imgsz>/``, named by a hash of the image's path,
-  size, modification time and ``imgsz`` (a changed image gets a new entry); read back in well under a millisecond.
+  size, modification time, first and last KiB, and ``imgsz`` (a changed image gets a new entry); read back in well
+  under a millisecond.
   The disk cache heals itself: an entry that does not read back whole (a full disk, a folder copied in part) is
   written again, once per run, with one log line per split; one damaged later is decoded instead; the half-written
   files of a killed run are removed; a folder that cannot be written costs one log line and training goes on
-  without those entries. An image replaced by another of the same size and modification time keeps its entry:
-  clear ``.cellseg_cache/`` after such a copy.
+  without those entries. An image replaced by another of the same size and modification time gets a new entry
+  too (its first or last KiB differ); only an edit of the bytes in between that keeps size, time and both ends
+  would be served stale (clear ``.cellseg_cache/`` after such a tool).
 * ``auto`` (default): ``ram`` when it fits the budget, else no cache.
 * ``none``: decode every time.
 
@@ -149,9 +151,10 @@ class ImageCache:
         path = self.images[index]
         try:
             st = path.stat()
+            ends = _ends(path, st.st_size)
         except OSError:
             return None
-        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.imgsz}".encode()).hexdigest()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.imgsz}|".encode() + ends).hexdigest()
         target = root / f"{key}.npz"
         if target.exists():
             if _read(target) is not None:
@@ -187,6 +190,19 @@ class ImageCache:
                 self._files[index] = None
             return got
         return None
+
+
+def _ends(path: Path, size: int) -> bytes:
+    """The first and the last KiB of a file: part of an entry's key, so that an image replaced by another of the same
+    size and modification time (a copy that keeps times, a camera that numbers from 1 again) gets a new entry."""
+    with open(path, "rb") as f:
+        head = f.read(_ENDS)
+        if size > 2 * _ENDS:
+            f.seek(-_ENDS, os.SEEK_END)
+        return head + f.read(_ENDS)
+
+
+_ENDS = 1024
 
 
 def _read(path: Path) -> tuple[np.ndarray, tuple[int, int]] | None:
