@@ -120,6 +120,10 @@ def _run(argv: list[str], prog: str | None, from_sys: bool) -> int:
         return 128 + 15
     except (ValueError, FloatingPointError) as err:
         return report_error(err)
+    except OSError as err:  # a run folder that cannot be written: one line naming the file (one without: a bug)
+        if not err.filename:
+            raise
+        return report_error(err)
     return 0
 
 

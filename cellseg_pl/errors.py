@@ -84,17 +84,27 @@ def error_line(err: BaseException, args: dict[str, Any] | None = None, output: s
         return str(err), 1
     if args is not None and torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return f"--device {args.get('device')}: out of GPU memory; lower --batch-size or --imgsz", 2
+    if output is None and isinstance(err, OSError) and err.filename:  # a LightningCLI command: the file it names
+        return _os_error_line(err, err.filename, None)
     if output is not None and isinstance(err, OSError):
         where = args.get(output) if args else output
-        blocker = _file_in_the_way(err, where)
-        if blocker is not None:
-            flag = f"--{output.replace('_', '-')}"
-            return (f"{flag} {where}: {blocker} is a file, not a folder; choose an {flag} outside it, or move the "
-                    f"file away"), 2
-        if err.filename and not os.path.basename(str(err.filename)).startswith("."):  # hidden: our staging names
-            where = err.filename
-        return f"{where}: {err.strerror or err}; check the path, permissions and free space", 2
+        return _os_error_line(err, where, output)
     raise err
+
+
+def _os_error_line(err: OSError, where: Any, output: str | None) -> tuple[str, int]:
+    """An ``OSError`` writing ``where`` (the output argument ``output``'s value, or the file the error names)."""
+    blocker = _file_in_the_way(err, where)
+    if blocker is not None:
+        if output is None:
+            return f"{where}: {blocker} is a file, not a folder; choose a path outside it, or move the file away", 2
+        flag = f"--{output.replace('_', '-')}"
+        return (f"{flag} {where}: {blocker} is a file, not a folder; choose an {flag} outside it, or move the "
+                f"file away"), 2
+    named = err.filename2 or err.filename  # (a copy names the source first and the file it failed to write second)
+    if named and not os.path.basename(str(named)).startswith("."):  # hidden: our staging names
+        where = named
+    return f"{where}: {err.strerror or err}; check the path, permissions and free space", 2
 
 
 def _file_in_the_way(err: OSError, output: Any) -> Path | None:

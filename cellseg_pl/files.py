@@ -87,6 +87,21 @@ def remove_stale_partials(folder: Path, suffix: str = "", why: str = "a killed p
     return removed
 
 
+def _remove_dead_partials_of(path: Path) -> None:
+    """Delete the temporaries of ``path`` that killed processes left beside it (a kill -9 between the write and the
+    rename): writing a file again cleans what an earlier, killed write of it left."""
+    prefix = f".{path.name}.partial-"
+    try:
+        entries = [e for e in path.parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        match = PARTIAL_RE.match(entry.name)
+        if match and match["name"] == path.name and entry.is_file() and not pid_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            logger.warning("removed %s, left by a killed process (pid %s)", entry, match["pid"])
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (one we may not signal counts as running)."""
     if pid <= 0:
@@ -118,6 +133,7 @@ def atomic_file(path: Path, replace: bool = True) -> Iterator[Path]:
         FileExistsError: ``replace`` is False and ``path`` exists.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials_of(path)
     tmp = partial_path(path)
     try:
         yield tmp
@@ -313,6 +329,24 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+def write_failure_cause(folder: Path) -> str | None:
+    """Why files cannot be written into ``folder``, when it can be told after a library hid the ``OSError`` (torch's
+    zip writer): a file-size limit (``ulimit -f``) or a full disk; None otherwise."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return f"File too large: this process may write files of at most {soft:,} bytes (ulimit -f)"
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return f"No space left on device ({free / 2**20:.0f} MiB free)" if free < 64 << 20 else None
+
+
 def is_inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or lies under it (links resolved)."""
     path, folder = path.resolve(), folder.resolve()

@@ -46,7 +46,8 @@ def cache_dir() -> Path:
 def cache_key(argv: list[str], prog: str | None) -> str:
     """What the help text depends on (module docstring), hashed."""
     h = hashlib.sha256()
-    h.update(repr((argv, prog, os.path.basename(sys.argv[0]), shutil.get_terminal_size().columns, sys.version)).encode())
+    width = shutil.get_terminal_size().columns
+    h.update(repr((argv, prog, os.path.basename(sys.argv[0]), width, sys.version)).encode())
     for name in _PACKAGES:
         try:
             h.update(f"{name}={metadata.version(name)};".encode())

@@ -223,6 +223,8 @@ def _check_outputs(output: Path, table: Path, pool: Path, copy_to: Path | None, 
             continue
         if path.is_dir():
             raise PredictError(path, "is a folder", f"pass a file name with {flag}")
+        if path == table and not output.exists():
+            continue  # a table without its list: left by a run that failed before the list (written last)
         if path.exists() and not overwrite:
             raise PredictError(path, "already exists", f"choose another {flag} or pass --overwrite")
     if copy_to is not None:
@@ -375,7 +377,6 @@ def select_images(
     todo: list[str] = []
     if copy_dir is not None:  # checked before anything is written
         todo, summary.already_there = _plan_copies(pool_dir, summary.selected, copy_dir)
-    write_atomic(output, "".join(f"{rel}\n" for rel in summary.selected))
     write_atomic(table, _csv_text(summary.ranked, k))
     for rel in todo:
         with atomic_file(copy_dir / rel) as tmp:
@@ -386,6 +387,8 @@ def select_images(
             net, pool_dir, summary.selected, preds_path, device=dev, conf=conf, iou=iou, imgsz=imgsz, max_det=max_det,
             min_area=min_area, tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, overwrite=overwrite,
         )  # fmt: skip
+    # the list last: what the lab acts on exists only when everything else was written (a full disk, a kill)
+    write_atomic(output, "".join(f"{rel}\n" for rel in summary.selected))
     log.info("selected %d of %d images; wrote %s and %s", len(summary.selected), len(summary.ranked), output, table)
     return summary
 

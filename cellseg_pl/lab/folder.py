@@ -11,6 +11,7 @@
       labelled.yaml         every labelled set so far (train and val lists): what the next fine-tune trains on
       labels/cycleN/        cycle N's corrected labels, converted (convert's layout)
       cycles/cycleN/        cycle N: state.json, images/ for CVAT, predictions.json, overlays/, run/ (the fit)
+      .incomplete           only while cycle init makes the folder (a folder a killed init left is made afresh)
 
 Every file is written atomically (a kill leaves the old file or the new one).
 """
@@ -28,7 +29,7 @@ import yaml
 
 from cellseg_pl.data.labels import label_path_for
 from cellseg_pl.errors import CellSegError
-from cellseg_pl.files import write_atomic
+from cellseg_pl.files import pid_alive, write_atomic
 
 
 class LabError(CellSegError):
@@ -104,7 +105,22 @@ class Lab:
         return self.root / "labels" / f"cycle{n}"
 
     # ------------------------------------------------------------------ reading, with errors naming the file
+    @property
+    def incomplete(self) -> Path:
+        """Present while ``cycle init`` makes the folder (it holds the process id)."""
+        return self.root / ".incomplete"
+
+    def half_made_by_a_dead_process(self) -> bool:
+        try:
+            pid = int(self.incomplete.read_text().strip())
+        except (OSError, ValueError):
+            return False
+        return not pid_alive(pid)
+
     def check(self) -> None:
+        if self.incomplete.exists():
+            raise LabError("--lab", f"{self.root} is half-made: cycle init did not finish",
+                           "run cycle init again with the same --lab (it starts afresh)")
         if not self.settings_file.is_file():
             raise LabError("--lab", f"{self.root} is not a lab folder (no lab.yaml)",
                            "create one with: python -m cellseg_pl cycle init --lab DIR --model MODEL.pt ...")

@@ -3,6 +3,8 @@ aside, the fine-tuning recipe."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from cellseg_pl.infer.options import InferenceOptions
 from cellseg_pl.lab.card import now, score_on_test, software_versions, write_card
 from cellseg_pl.lab.folder import Lab, LabError, LabSettings, labelled_yaml_text, sha256_of
 
+
+log = logging.getLogger(__name__)
 
 #: The fine-tuning recipe ``cycle init`` writes (``recipe.yaml``, a ``fit`` configuration the lab may edit).
 #: AdamW at the guide's lr0 0.0005, with the bias warmup starting there too: in the active-learning benchmark the
@@ -113,6 +117,9 @@ def cycle_init(
     from cellseg_pl.yolo.network import load_weights
 
     lab_ = Lab(lab)
+    if lab_.half_made_by_a_dead_process():
+        log.warning("removing %s: a lab folder left half-made by a killed cycle init", lab_.root)
+        shutil.rmtree(lab_.root)
     if lab_.root.exists() and (not lab_.root.is_dir() or any(lab_.root.iterdir())):
         raise LabError("--lab", f"{lab_.root} exists and is not an empty folder", "pass a new folder")
     pool_dir = Path(pool).expanduser().resolve()
@@ -128,6 +135,7 @@ def cycle_init(
                 or 640)
     try:
         lab_.root.mkdir(parents=True, exist_ok=True)
+        lab_.incomplete.write_text(f"{os.getpid()}\n")  # removed last: a kill -9 leaves a folder the next init redoes
         test_images_n, test_cells = _make_test_set(lab_, names, test_zip, test_images, test_data, test_split)
         export_model(model, lab_.model(1))
         settings = LabSettings(pool=str(pool_dir), names=dict(names), conf=conf, min_area=min_area,
@@ -145,6 +153,7 @@ def cycle_init(
         write_card(lab_, 1, card)
         lab_.set_current(1)
         write_atomic(lab_.labelled_yaml, labelled_yaml_text(lab_, settings))
+        lab_.incomplete.unlink()
     except BaseException:
         shutil.rmtree(lab_.root, ignore_errors=True)  # nothing half-made is left
         raise

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
-from cellseg_pl.files import atomic_file, partial_path
+from cellseg_pl.errors import OutputError
+from cellseg_pl.files import atomic_file, partial_path, write_failure_cause
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,13 @@ class RunCheckpoint(ModelCheckpoint):
                     logger.after_save_checkpoint(proxy(self))
             self._last_global_step_saved = trainer.global_step
         else:
-            super()._save_checkpoint(trainer, tmp)
+            try:
+                super()._save_checkpoint(trainer, tmp)
+            except (OSError, RuntimeError) as e:  # (fsspec stages the file in /tmp; torch's writer says RuntimeError)
+                Path(tmp).unlink(missing_ok=True)
+                cause = (e.strerror if isinstance(e, OSError) else None) or write_failure_cause(Path(folder)) or str(e)
+                raise OutputError(filepath, f"cannot write the checkpoint ({cause})",
+                                  "check free space and permissions; the previous checkpoint is kept") from None
         # (Lightning sets last_model_path to ``last`` before it writes ``last``: a ``best`` written first matches it
         # from the second epoch on)
         self._saved_at = now

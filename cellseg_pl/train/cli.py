@@ -47,7 +47,7 @@ from cellseg_pl.infer.options import InferenceOptions
 from cellseg_pl.yolo.network import checkpoint_classes, read_checkpoint
 from cellseg_pl.train.module import CellSegModule
 from cellseg_pl.train.plots import ValidationPictures
-from cellseg_pl.train.run_dir import check_root_dir, choose_run_dir, removed_if_fit_fails
+from cellseg_pl.train.run_dir import check_free_space, check_root_dir, choose_run_dir, removed_if_fit_fails
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,8 @@ class CellSegCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         """A ``--ckpt_path`` trained for another class count than the data: one line, before anything is written."""
         super().after_instantiate_classes()
+        if self.fitting and self.run_dir is not None and self.model is not None:
+            check_free_space(self.run_dir, sum(p.numel() for p in self.model.net.parameters()))
         names = getattr(self, "_ckpt_classes", None)
         if names is None or self.datamodule is None or len(names) == self.datamodule.num_classes:
             return

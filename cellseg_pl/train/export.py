@@ -34,7 +34,7 @@ from torch import nn
 
 from cellseg_pl.errors import ExportError, ModelError
 from cellseg_pl.yolo.network import load_ultralytics_checkpoint, load_weights, save_ultralytics_checkpoint
-from cellseg_pl.files import atomic_file, remove_stale_partials
+from cellseg_pl.files import atomic_file, remove_stale_partials, write_failure_cause
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ def export_model(ckpt: str | Path, output: str | Path, half: bool = False) -> Pa
             try:
                 save_ultralytics_checkpoint(net, tmp, names, _train_args(info), half=half)
             except RuntimeError as e:  # torch's zip writer reports a full disk this way
+                cause = write_failure_cause(output.parent)
                 raise ExportError(
+                    f"--output: writing {output} failed: {cause}" if cause else
                     f"--output: writing {output} failed ({e}); check free space and permissions"
                 ) from None
             load_ultralytics_checkpoint(tmp)  # read it back before it takes the model's name

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cellseg_pl.errors import UsageError
+from cellseg_pl.errors import OutputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,34 @@ def check_root_dir(cfg: Any, run_dir: Path) -> None:
         f"--trainer.default_root_dir: {given} is not used; the run folder is <project>/<name> ({run_dir} here): "
         f"give --project {Path(given).parent} --name {Path(given).name} instead"
     )
+
+
+def check_free_space(run_dir: Path, parameters: int) -> None:
+    """Refuse to start a fit that cannot write its checkpoints: one line before anything is written, instead of a
+    failure after the first epoch (and TensorBoard's writer thread dying with a traceback).
+
+    A checkpoint holds about 16 bytes a parameter (weights, their EMA, AdamW's two moments: 53 MB for yolov8n-seg);
+    a run holds ``best`` and ``last`` and writes the next ``last`` beside the old one, plus the ``.pt`` files: about
+    2.5 checkpoints.
+    """
+    need = int(2.5 * 16 * parameters)
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return  # a file in the way: the error of creating the folder names it
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # (the folder's own error comes when it is created)
+    if read_only or not os.access(folder, os.W_OK):
+        why = "Read-only file system" if read_only else "Permission denied"
+        raise OutputError(run_dir, f"{folder} cannot be written ({why})", "choose another --project")
+    if free < need:
+        raise OutputError(run_dir, f"No space left on device: {free / 2**20:.0f} MiB free, a run of this model "
+                          f"writes about {need / 2**20:.0f} MiB of checkpoints", "free some space or choose another "
+                          "--project")
 
 
 def has_run(folder: Path) -> bool:
