@@ -185,6 +185,17 @@ def test_two_cycles_lineage_no_overwrite_kill_resume_and_refusal(lab_inputs, tmp
     assert cycle("learn", "--lab", str(lab), "--corrected", str(z1)) == 2
     assert "is cycle 1's export, given again" in capsys.readouterr().err
     z2 = zip_true_labels(lab_inputs["pool"], s2["images"], tmp_path / "cycle2_corrected.zip")
+    # an export without a single cell: refused, unless the images really are background (--allow-empty)
+    empty = tmp_path / "cycle2_empty.zip"
+    with zipfile.ZipFile(z2) as zin, zipfile.ZipFile(empty, "w") as zout:
+        coco = json.loads(zin.read("annotations/instances_default.json"))
+        zout.writestr("annotations/instances_default.json", json.dumps({**coco, "annotations": []}))
+    assert cycle("learn", "--lab", str(lab), "--corrected", str(empty)) == 2
+    err = capsys.readouterr().err
+    assert "no instance to write" in err and "--allow-empty" in err and err.count("\n") == 1
+    assert L.state(2)["step"] == "labelling" and "zip" not in L.state(2)  # nothing recorded: give the right zip
+    assert cycle("learn", "--lab", str(lab)) == 2
+    assert "--corrected: cycle 2 waits for CVAT's export" in capsys.readouterr().err
 
     import cellseg_pl.lab.cycle as cycle_module
 
@@ -208,11 +219,15 @@ def test_two_cycles_lineage_no_overwrite_kill_resume_and_refusal(lab_inputs, tmp
     assert "not promoted (worse: F1" in out and L.current() == 2 and L.versions() == [1, 2]
     assert L.model(1).read_bytes() == v1_bytes  # no model file is ever rewritten
 
-    # cycle 3: broken again, promoted with --force: its card says so
+    # cycle 3: broken again and refused; then promoted after all with --force alone: its card says so
     assert cycle("next", "--lab", str(lab), "--k", "4", "--random") == 0
     z3 = zip_true_labels(lab_inputs["pool"], L.state(3)["images"], tmp_path / "cycle3_corrected.zip")
-    assert cycle("learn", "--lab", str(lab), "--corrected", str(z3), "--force") == 0
+    assert cycle("learn", "--lab", str(lab), "--corrected", str(z3)) == 0
+    assert "not promoted" in capsys.readouterr().out and L.current() == 2
+    assert cycle("learn", "--lab", str(lab), "--force") == 0
     assert "v3 FORCED" in capsys.readouterr().out and L.current() == 3
+    assert cycle("learn", "--lab", str(lab), "--force") == 2  # once only
+    assert "the last cycle has no fine-tune that was refused" in capsys.readouterr().err
     assert L.card(3)["decision"].startswith("FORCED with --force although worse: F1") and L.card(3)["parent"] == "v2"
     assert "FORCED" in (lab / "models" / "v3.md").read_text()
     # v3 trained on cycle 2's labels too (kept although cycle 2's model was not promoted)

@@ -161,24 +161,34 @@ class LearnSummary:
 
 def cycle_learn(
     lab: str,
-    corrected: str,
+    corrected: str | None = None,
     force: bool = False,
+    allow_empty: bool = False,
     device: str = InferenceOptions.device,
 ) -> LearnSummary:
     """Finish a cycle: convert the corrected CVAT export, fine-tune, score old and new, promote if not worse.
 
-    Run it again after a kill: it continues from the last finished step.
+    Run it again after a kill: it continues from the last finished step. ``--force`` without ``--corrected``
+    promotes the last cycle's fine-tune that was not promoted (while its parent is still the current version).
 
     Args:
         lab: the lab folder.
         corrected: the CVAT "COCO 1.0" export of this cycle's images, corrected.
         force: make the new model the next version even when it is worse (its card says so).
+        allow_empty: accept an export without a single cell (all of the cycle's images are background).
         device: cpu, 0 (= cuda:0) or cuda:N, for scoring.
     """
     lab_ = Lab(lab)
     settings = lab_.settings()
-    lab_.current()
+    current = lab_.current()
     pending = [n for n in lab_.cycles() if lab_.state(n)["step"] != "done"]
+    if corrected is None:
+        if pending:
+            raise LabError("--corrected", f"cycle {pending[0]} waits for CVAT's export of its images",
+                           "pass the corrected 'COCO 1.0' zip")
+        if force:
+            return _force_last(lab_, settings, current, device)
+        raise LabError("--corrected", "missing", "pass the corrected 'COCO 1.0' zip of the cycle")
     if not pending:
         raise LabError("cycle learn", "no cycle waits for corrections",
                        f"start one with: python -m cellseg_pl cycle next --lab {lab_.root} --k 200")
@@ -202,7 +212,7 @@ def cycle_learn(
         return steps.index(state["step"]) >= steps.index(step)
 
     if not at_least("converted"):
-        _convert(lab_, n, state, zip_path)
+        _convert(lab_, n, state, zip_path, allow_empty)
         state["step"] = "converted"
         lab_.write_state(n, state)
     if not at_least("trained"):
@@ -237,7 +247,26 @@ def cycle_learn(
                         state["comparison"])
 
 
-def _convert(lab: Lab, n: int, state: dict, zip_path: Path) -> None:
+def _force_last(lab: Lab, settings: LabSettings, current: int, device: str) -> LearnSummary:
+    """``cycle learn --force`` alone: the last cycle's fine-tune, not promoted, becomes the next version."""
+    cycles = lab.cycles()
+    n = cycles[-1] if cycles else None
+    state = lab.state(n) if n else {}
+    if not n or state.get("version") or "promote" not in state:
+        raise LabError("--force", "the last cycle has no fine-tune that was refused",
+                       "give --corrected with the next cycle's export, or --force with it")
+    if state["model"] != f"v{current}":
+        raise LabError("--force", f"cycle {n} fine-tuned {state['model']}, but v{current} is current now",
+                       f"write {state['model']} into {lab.root / 'current'} first, if that is what you mean")
+    state["forced"] = True
+    version = _promote(lab, n, state, settings, device)
+    decision = f"v{version} FORCED with --force although {state['reason']}"
+    state.update(step="done", decision=decision, version=f"v{version}", finished=now())
+    lab.write_state(n, state)
+    return LearnSummary(lab.root, n, state["model"], f"v{version}", decision, state["comparison"])
+
+
+def _convert(lab: Lab, n: int, state: dict, zip_path: Path, allow_empty: bool = False) -> None:
     """Convert the zip into labels/cycleN; its images must be this cycle's."""
     from cellseg_pl.cvat.convert import convert_coco_zip
     from cellseg_pl.data.dataset import load_dataset_yaml
@@ -245,7 +274,7 @@ def _convert(lab: Lab, n: int, state: dict, zip_path: Path) -> None:
     out = lab.labels_dir(n)
     if out.exists():
         shutil.rmtree(out)  # a conversion killed half-way: convert again
-    convert_coco_zip(zip_path, out, images_dir=lab.cycle_dir(n) / "images")
+    convert_coco_zip(zip_path, out, images_dir=lab.cycle_dir(n) / "images", allow_empty=allow_empty)
     spec = load_dataset_yaml(out / "dataset.yaml")
     names = sorted(p.name for split in spec.splits.values() for p in split)
     ours = {Path(rel).name for rel in state["images"]}
