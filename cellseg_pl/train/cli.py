@@ -125,30 +125,7 @@ class CellSegCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--project", type=str, default="checkpoints", help="Folder that holds the runs.")
-        parser.add_argument("--name", type=str, default="train", help="Run name: outputs go to <project>/<name>.")
-        parser.add_argument(
-            "--report", type=str, default=None, help="validate/test: also write the metrics to this JSON file."
-        )
-        parser.add_argument(
-            "--predictions",
-            type=str,
-            default=None,
-            help="predict: COCO 1.0 JSON to write for CVAT (default <project>/<name>/predictions.json; never replaced).",
-        )
-        # predict: the folder tool's inference settings, said once in InferenceOptions
-        parser.add_class_arguments(InferenceOptions, nested_key=None, as_group=False,
-                                   skip={"device", "imgsz", "batch_size"})
-        parser.add_argument(
-            "--save_overlays", type=Optional[str], default=None,
-            help="predict: also write each image with its outlines and counts into this folder.",
-        )  # fmt: skip
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.overlap_mask", "model.overlap_mask")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(FitnessEarlyStopping, "early_stopping")
-        parser.set_defaults(CALLBACK_DEFAULTS)
+        add_run_arguments(parser)
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path``'s hyper-parameters into ``--model.*``, as Lightning does, after checking the file
@@ -255,6 +232,35 @@ class CellSegCLI(LightningCLI):
         """Print the numbers biologists read and, with ``--report``, write every metric as JSON (rank 0)."""
         if self.trainer.is_global_zero:
             report(self.trainer, what, self.config[self.subcommand].get("report"))
+
+
+def add_run_arguments(parser: LightningArgumentParser) -> None:
+    """The flags of a run beside the model's, the data's and the trainer's: where it goes, what predict and
+    validate write, the inference settings, the links between model and data, the checkpoint and early stopping."""
+    parser.add_argument("--project", type=str, default="checkpoints", help="Folder that holds the runs.")
+    parser.add_argument("--name", type=str, default="train", help="Run name: outputs go to <project>/<name>.")
+    parser.add_argument(
+        "--report", type=str, default=None, help="validate/test: also write the metrics to this JSON file."
+    )
+    parser.add_argument(
+        "--predictions",
+        type=str,
+        default=None,
+        help="predict: COCO 1.0 JSON to write for CVAT (default <project>/<name>/predictions.json; never replaced).",
+    )
+    # predict: the folder tool's inference settings, said once in InferenceOptions
+    parser.add_class_arguments(InferenceOptions, nested_key=None, as_group=False,
+                               skip={"device", "imgsz", "batch_size"})
+    parser.add_argument(
+        "--save_overlays", type=Optional[str], default=None,
+        help="predict: also write each image with its outlines and counts into this folder.",
+    )  # fmt: skip
+    parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+    parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+    parser.link_arguments("data.overlap_mask", "model.overlap_mask")
+    parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+    parser.add_lightning_class_args(FitnessEarlyStopping, "early_stopping")
+    parser.set_defaults(CALLBACK_DEFAULTS)
 
 
 def class_count_error(cfg: Any, names: dict[int, str], datamodule: CellSegDataModule, fitting: bool) -> UsageError:
