@@ -260,13 +260,17 @@ class CellMatchMetrics(Metric):
         iou_threshold: IoU a predicted cell needs with its matched true cell to count as found.
         min_area: an unmatched prediction smaller than this (px of the original image) is a droplet-sized false
             positive (the guide's rule: under 500 px is a water droplet).
+        pred_masks_in_boxes: every predicted mask lies inside its box (``postprocess`` crops them): the masks are
+            read inside their boxes only.
     """
 
     full_state_update = False
 
-    def __init__(self, conf: float = 0.25, iou_threshold: float = 0.5, min_area: float = 500.0) -> None:
+    def __init__(self, conf: float = 0.25, iou_threshold: float = 0.5, min_area: float = 500.0,
+                 pred_masks_in_boxes: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.conf, self.iou_threshold, self.min_area = conf, iou_threshold, min_area
+        self.pred_masks_in_boxes = pred_masks_in_boxes
         for name in ("tp", "fp", "fn", "iou_sum", "abs_count_err", "rel_count_err", "images", "fp_small"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -286,7 +290,9 @@ class CellMatchMetrics(Metric):
         for i, (pred, target) in enumerate(zip(preds, targets)):
             keep = pred["scores"] >= self.conf
             kept = torch.nonzero(keep).view(-1).tolist()
-            pred_rles = encode_masks(pred["masks"], kept)  # (no copy of the kept masks)
+            # (no copy of the kept masks; their areas counted from the runs while encoding)
+            pred_rles, areas = encode_masks_with_areas(pred["masks"], kept,
+                                                       pred["boxes"] if self.pred_masks_in_boxes else None)
             rows, _, ious = _match_rles(
                 pred_rles, pred["labels"][keep], encode_masks(target["masks"]), target["labels"], self.iou_threshold
             )
@@ -295,9 +301,8 @@ class CellMatchMetrics(Metric):
             unmatched = np.ones(len(kept), dtype=bool)
             unmatched[rows] = False
             scale = area_scale[i] if area_scale is not None else 1.0
-            # areas from the masks, not ``mask_utils.area``: pycocotools 2.0.11 overflows (uint8) from 256 RLEs on
-            areas = pred["masks"][keep].flatten(1).sum(1).cpu().numpy()  # (the kept masks only)
-            self.fp_small += int((areas[unmatched] < self.min_area * scale).sum())
+            # areas from the runs, not ``mask_utils.area``: pycocotools 2.0.11 overflows (uint8) from 256 RLEs on
+            self.fp_small += int((np.asarray(areas, dtype=np.int64)[unmatched] < self.min_area * scale).sum())
             self.tp += tp
             self.fp += fp
             self.fn += fn
@@ -366,7 +371,7 @@ class ValidationMetrics(torch.nn.Module):
     def __init__(self, pr_conf: float, min_area: float) -> None:
         super().__init__()
         self.mean_ap = mask_map_metric(pred_masks_in_boxes=True)  # postprocess crops every mask to its box
-        self.cells = CellMatchMetrics(conf=pr_conf, min_area=min_area)
+        self.cells = CellMatchMetrics(conf=pr_conf, min_area=min_area, pred_masks_in_boxes=True)
 
     def update(self, preds: list[dict[str, torch.Tensor]], batch: dict) -> list[dict[str, torch.Tensor]]:
         """Add one batch; returns its targets (network-input px)."""

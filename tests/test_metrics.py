@@ -270,6 +270,10 @@ def test_dense_image_with_300_predictions_through_every_metric():
     out = {k: float(v) for k, v in c.compute().items()}
     assert (out["tp"], out["fp"], out["fn"]) == (300, 20, 0)
     assert out["fp_droplet_sized"] == 20 and out["count_mae"] == 20 and out["mean_matched_iou"] == 1
+    # read inside their boxes only (validation: postprocess crops every mask to its box): the same figures
+    in_boxes = CellMatchMetrics(conf=0.25, min_area=20, pred_masks_in_boxes=True)
+    in_boxes.update([pred], [gt])
+    assert {k: float(v) for k, v in in_boxes.compute().items()} == out
 
     assert match(pred_masks, pred["labels"], gt["masks"], gt["labels"])[:3] == (300, 20, 0)
     assert mask_iou(pred_masks, cells).shape == (320, 300)
