@@ -2,6 +2,7 @@
 # GPU check (run when a GPU machine is available; about 10 minutes on one H100/H200):
 # 1. the train loaders alone and beside a training step on the GPU (benchmarks/loader.py --step cuda): images/s,
 #    cells per sample and the share of step time spent waiting for data, ours vs Ultralytics';
+#    validation's stages per image on the GPU (benchmarks/validation.py --device cuda);
 # 2. trains yolov8s-seg, then yolo26s-seg, at imgsz 640 with bf16-mixed for ~100 steps each with cellseg_pl and
 #    with `yolo segment train` on the same synthetic data, and prints images/s, peak GPU memory, GPU utilisation (is
 #    the loader keeping the GPU busy?) and the final metrics of both, scored by one evaluator.
@@ -26,6 +27,8 @@ mkdir -p "$OUT"
 WORKERS=$(( $(nproc) > 9 ? 8 : $(nproc) - 1 ))
 python -m benchmarks.loader --data data/demo640/dataset.yaml --imgsz 640 --batch 16 --workers 0 "$WORKERS" \
     --rounds 3 --batches 8 --step cuda | tee "$OUT/loader.txt"
+# validation, stage by stage, with the forward and the mask assembly on the GPU (ms per image, 10-300 detections)
+python -m benchmarks.validation --device cuda --model yolov8s-seg.yaml | tee "$OUT/validation.txt"
 # sample GPU utilisation every 0.5 s while the benchmark runs
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/gpu_util.csv" &
 SMI=$!
