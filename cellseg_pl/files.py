@@ -87,19 +87,20 @@ def remove_stale_partials(folder: Path, suffix: str = "", why: str = "a killed p
     return removed
 
 
-def _remove_dead_partials_of(path: Path) -> None:
-    """Delete the temporaries of ``path`` that killed processes left beside it (a kill -9 between the write and the
-    rename): writing a file again cleans what an earlier, killed write of it left."""
-    prefix = f".{path.name}.partial-"
-    try:
-        entries = [e for e in path.parent.iterdir() if e.name.startswith(prefix)]
-    except OSError:
-        return
-    for entry in entries:
-        match = PARTIAL_RE.match(entry.name)
-        if match and match["name"] == path.name and entry.is_file() and not pid_alive(int(match["pid"])):
-            entry.unlink(missing_ok=True)
-            logger.warning("removed %s, left by a killed process (pid %s)", entry, match["pid"])
+#: Folders whose dead partial files this process has removed (:func:`atomic_file` sweeps each folder once).
+_SWEPT: set[str] = set()
+
+
+def _sweep_once(folder: Path) -> None:
+    """Remove the temporaries killed processes left in ``folder`` (a kill -9 between a write and its rename), once
+    per folder and process: writing into a folder again cleans what an earlier, killed write left there."""
+    key = os.path.abspath(folder)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        try:
+            remove_stale_partials(folder)
+        except OSError:
+            pass  # (an unreadable folder: the write itself reports it)
 
 
 def pid_alive(pid: int) -> bool:
@@ -133,7 +134,7 @@ def atomic_file(path: Path, replace: bool = True) -> Iterator[Path]:
         FileExistsError: ``replace`` is False and ``path`` exists.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_partials_of(path)
+    _sweep_once(path.parent)
     tmp = partial_path(path)
     try:
         yield tmp
@@ -329,6 +330,8 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
 def write_failure_cause(folder: Path) -> str | None:
     """Why files cannot be written into ``folder``, when it can be told after a library hid the ``OSError`` (torch's
     zip writer): a file-size limit (``ulimit -f``) or a full disk; None otherwise."""
