@@ -81,6 +81,25 @@ def sampler(dataset: YoloSegDataset, train: bool, trainer: L.Trainer | None) -> 
     return None
 
 
+def make_loader(dataset: YoloSegDataset, batch_size: int, order: Sampler | None, workers: int,
+                collate: Collate) -> DataLoader:  # fmt: skip
+    """The loader of a split: every image every epoch, persistent workers, pinned memory on a GPU machine."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        # as Ultralytics: every image every epoch (a final batch of one image still gives BatchNorm one value per
+        # pixel of each feature map; dropping it cost a tiny data set a fifth of its training)
+        drop_last=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        # forking fresh workers every epoch costs seconds on small CPUs; the mosaic switch is shared memory
+        persistent_workers=workers > 0,
+        worker_init_fn=_worker_init if workers > 0 else None,
+    )
+
+
 class SplitImages:
     """Each split's usable images, scanned once (:mod:`cellseg_pl.data.scan`), and its image cache, filled once.
 
@@ -262,21 +281,8 @@ class CellSegDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: YoloSegDataset, train: bool, full_masks: bool) -> DataLoader:
         batch_size = self.hparams.batch_size if train else self.hparams.batch_size * 2
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler(dataset, train, self.trainer),
-            # as Ultralytics: every image every epoch (a final batch of one image still gives BatchNorm one value
-            # per pixel of each feature map; dropping it cost a tiny data set a fifth of its training)
-            drop_last=False,
-            num_workers=workers,
-            collate_fn=Collate(self.hparams.mask_ratio, self.hparams.overlap_mask, full_masks=full_masks),
-            pin_memory=torch.cuda.is_available(),
-            # forking fresh workers every epoch costs seconds on small CPUs; the mosaic switch is shared memory
-            persistent_workers=workers > 0,
-            worker_init_fn=_worker_init if workers > 0 else None,
-        )
+        collate = Collate(self.hparams.mask_ratio, self.hparams.overlap_mask, full_masks=full_masks)
+        return make_loader(dataset, batch_size, sampler(dataset, train, self.trainer), self.num_workers, collate)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
