@@ -70,6 +70,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -662,8 +663,6 @@ def run_seed(a: argparse.Namespace, pool: Pool, run: Run, seed: int, describe: d
         state = run.state["runs"].setdefault(name, {"rows": [], "picks": [], "labelled": None})
         if not state["rows"]:
             if folder.exists():
-                import shutil
-
                 shutil.rmtree(folder)  # an init stopped half-way
             folder.mkdir(parents=True)
             spec = {"lab": str(lab), "model": base["weights"], "pool": str(pool.folder), "data": str(pool.data_yaml),

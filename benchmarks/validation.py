@@ -78,12 +78,12 @@ def head_output(targets: list[dict], detections: int, anchors: int, size: int, r
     return det
 
 
-def predictions(targets: list[dict], boxes_kept: list, detections: int) -> list[dict]:
+def predictions(targets: list[dict], detections: int) -> list[dict]:
     """``detections`` predictions per image: the true masks, then copies shifted by 3 px (realistic outlines)."""
     import torch
 
     preds = []
-    for t, kept in zip(targets, boxes_kept):
+    for t in targets:
         masks, boxes = t["masks"], t["boxes"]
         while len(masks) < detections:
             masks = torch.cat([masks, torch.roll(t["masks"], 3, dims=2)])[:detections]
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     box_masks(proto[i], x[:, 6:], x[:, :4], size)
                 sync()
                 t2 = time.perf_counter()
-                metrics.update(predictions(targets, kept, d), batch)
+                metrics.update(predictions(targets, d), batch)
                 t3 = time.perf_counter()
                 stage["nms"] += t1 - t0
                 stage["box_masks"] += t2 - t1
