@@ -5,6 +5,9 @@ Both take the same inputs, per image::
     pred   = {"masks": (n, H, W) bool, "boxes": (n, 4) xyxy px, "scores": (n,), "labels": (n,) int64}
     target = {"masks": (m, H, W) bool, "boxes": (m, 4) xyxy px, "labels": (m,) int64}
 
+where ``masks`` may also be :class:`cellseg_pl.masks.MaskWindows` (what validation passes: no full-size masks),
+or ``rles`` and ``areas`` may replace them (masks already encoded: :func:`encoded`).
+
 and are torchmetrics ``Metric`` objects, so Lightning reduces them across processes.
 """
 
@@ -21,6 +24,8 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.detection.helpers import CocoBackend
 from torchvision.ops import box_convert
 
+from cellseg_pl.masks import MaskWindows, encode_many
+
 #: COCO max-detection thresholds with the last raised to 300 (the lab's images hold ~57 cells, often more).
 MAX_DETECTIONS = [1, 10, 300]
 
@@ -30,13 +35,9 @@ def encode_masks(
 ) -> list[dict]:
     """COCO RLEs (compressed, as ``pycocotools.mask.encode`` gives them) of a (n, H, W) bool mask stack.
 
-    ``indices`` encodes only those masks (without copying the stack). ``boxes`` ((n, 4) xyxy px), when every mask
-    is known to lie inside its box (the predictions of :func:`cellseg_pl.yolo.postprocess.postprocess` are cropped to
-    theirs), limits the scan to the box.
-
-    Only the columns an object occupies are scanned (the runs before and after are all background), which makes
-    encoding ~20x faster than ``mask.encode`` on the full image for cell-sized objects at imgsz 640: the cost of
-    validating with up to 300 detections per image at full resolution.
+    ``indices`` encodes only those masks. ``boxes`` ((n, 4) xyxy px), when every mask is known to lie inside its
+    box, limits the reading to the box. Encoding goes through :class:`cellseg_pl.masks.MaskWindows` (only each
+    object's window is scanned): ~20x faster than ``mask.encode`` of the full image for cells at imgsz 640.
     """
     return encode_masks_with_areas(masks, indices, boxes)[0]
 
@@ -44,68 +45,30 @@ def encode_masks(
 def encode_masks_with_areas(
     masks: torch.Tensor | np.ndarray, indices: list[int] | None = None, boxes: torch.Tensor | np.ndarray | None = None
 ) -> tuple[list[dict], list[int]]:
-    """:func:`encode_masks`'s RLEs and each mask's area (pixel count, what ``mask.area`` gives for the RLE), counted
-    from the runs while encoding (no second pass over the masks)."""
-    m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    m = m.astype(bool, copy=False)
-    n, h, w = m.shape
-    if boxes is not None:
-        b = boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes)
-        b = np.concatenate([np.floor(b[:, :2]), np.ceil(b[:, 2:])], 1).clip(0, [w, h, w, h]).astype(np.int64)
-        windows = b.tolist()
-    rles, areas = [], []
-    for k in range(n) if indices is None else indices:
-        if boxes is not None:
-            x0, y0, x1, y1 = windows[k]
-            rle, area = _encode_crop(m[k, y0:y1, x0:x1], x0, y0, h, w)
-        else:
-            xs = np.flatnonzero(m[k].any(axis=0))  # the columns holding the object
-            x0, x1 = (int(xs[0]), int(xs[-1]) + 1) if len(xs) else (0, 0)
-            rle, area = _encode_columns(m[k, :, x0:x1].T.reshape(-1), x0, x1, h, w)
-        rles.append(rle)
-        areas.append(area)
-    return rles, areas
+    """:func:`encode_masks`'s RLEs and each mask's area (pixel count, what ``mask.area`` gives for the RLE)."""
+    return MaskWindows.from_dense(masks, boxes).encode(indices)
 
 
 def encode_crops(crops: list[tuple[np.ndarray, int, int]], height: int, width: int) -> list[dict]:
     """COCO RLEs of masks given as crops: ``(mask, x0, y0)``, a ``(h, w)`` bool array whose top-left pixel is pixel
     ``(x0, y0)`` of a ``(height, width)`` image (what :class:`cellseg_pl.infer.engine.Instance` holds). Parts outside
     the image are dropped. The same RLEs as :func:`encode_masks` of the masks pasted into full images."""
-    return [_encode_crop(np.asarray(mask, bool), x0, y0, height, width)[0] for mask, x0, y0 in crops]
+    return MaskWindows.from_crops(crops, height, width).encode()[0]
 
 
-def _encode_crop(mask: np.ndarray, x0: int, y0: int, height: int, width: int) -> tuple[dict, int]:
-    """The RLE and area of one crop (see :func:`encode_crops`)."""
-    cx0, cy0 = max(-x0, 0), max(-y0, 0)  # crop pixels left of / above the image
-    x0, y0 = max(x0, 0), max(y0, 0)
-    x1, y1 = min(x0 + mask.shape[1] - cx0, width), min(y0 + mask.shape[0] - cy0, height)
-    if x1 <= x0 or y1 <= y0:
-        return _encode_columns(np.zeros(0, bool), 0, 0, height, width)
-    columns = np.zeros((x1 - x0, height), bool)  # the columns the crop spans, whole height, column-major
-    columns[:, y0:y1] = mask[cy0 : cy0 + y1 - y0, cx0 : cx0 + x1 - x0].T
-    return _encode_columns(columns.reshape(-1), x0, x1, height, width)
-
-
-def _encode_columns(v: np.ndarray, x0: int, x1: int, h: int, w: int) -> tuple[dict, int]:
-    """The compressed COCO RLE and the area of an ``(h, w)`` mask that is empty outside columns ``x0:x1``, from
-    those columns in column-major order (``v``, ``h * (x1 - x0)`` bools)."""
-    if not v.any():
-        runs = [h * w]
-        area = 0
-    else:
-        bounds = np.concatenate(([0], np.flatnonzero(v[1:] != v[:-1]) + 1, [len(v)]))
-        runs = np.diff(bounds).tolist()
-        if v[0]:
-            runs.insert(0, 0)  # an RLE starts with a run of background
-        runs[0] += x0 * h
-        tail = (w - x1) * h
-        if tail:
-            if len(runs) % 2:  # the last run is background
-                runs[-1] += tail
-            else:
-                runs.append(tail)
-        area = sum(runs[1::2])  # runs alternate background, foreground
-    return mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w), area
+def encoded(item: dict[str, Any], indices: list[int] | None = None, in_boxes: bool = False
+            ) -> tuple[list[dict], list[int]]:  # fmt: skip
+    """RLEs and areas of one image's masks (all, or ``indices``): its ``rles`` and ``areas`` when it holds them,
+    else its ``masks`` encoded (a (n, H, W) bool tensor, read inside ``boxes`` when ``in_boxes``, or
+    :class:`cellseg_pl.masks.MaskWindows`)."""
+    if "rles" in item:
+        if indices is None:
+            return list(item["rles"]), list(item["areas"])
+        return [item["rles"][k] for k in indices], [item["areas"][k] for k in indices]
+    masks = item["masks"]
+    if not isinstance(masks, MaskWindows):
+        masks = MaskWindows.from_dense(masks, item["boxes"] if in_boxes else None)
+    return masks.encode(indices)
 
 
 class MaskMeanAP(MeanAveragePrecision):
@@ -134,21 +97,26 @@ class MaskMeanAP(MeanAveragePrecision):
         self._coco_backend = _KnownAreaBackend(self._coco_backend.backend)
         self.add_state("detection_area", default=[], dist_reduce_fx=None)
 
-    def update(self, preds: list[dict[str, torch.Tensor]], target: list[dict[str, torch.Tensor]]) -> None:
+    def update(self, preds: list[dict[str, Any]], target: list[dict[str, Any]]) -> None:
+        """The stock ``update``; ``masks`` may also be :class:`cellseg_pl.masks.MaskWindows`, and an item that holds
+        ``rles`` and ``areas`` (its masks already encoded, see :func:`encoded`) is not encoded again."""
         from torchmetrics.detection.helpers import _input_validator
 
-        _input_validator(preds, target, iou_type=self.iou_type)
+        _input_validator(preds, target, iou_type="bbox")
+        for items in (preds, target):
+            for i, item in enumerate(items):
+                if "masks" not in item and "rles" not in item:
+                    raise ValueError(f"MaskMeanAP: item {i} has neither `masks` nor `rles`")
         for item in preds:
             self.detection_box.append(box_convert(item["boxes"].reshape(-1, 4), "xyxy", "xywh"))
-            in_boxes = item["boxes"] if self.pred_masks_in_boxes else None
-            rles, areas = encode_masks_with_areas(item["masks"], boxes=in_boxes)
+            rles, areas = encoded(item, in_boxes=self.pred_masks_in_boxes)
             self.detection_mask.append(_rle_state(rles))
             self.detection_area.append(torch.tensor(areas, dtype=torch.float64))
             self.detection_labels.append(item["labels"])
             self.detection_scores.append(item["scores"])
         for item in target:
             self.groundtruth_box.append(box_convert(item["boxes"].reshape(-1, 4), "xyxy", "xywh"))
-            rles, areas = encode_masks_with_areas(item["masks"])
+            rles, areas = encoded(item)
             self.groundtruth_mask.append(_rle_state(rles))
             self.groundtruth_labels.append(item["labels"])
             self.groundtruth_crowds.append(item.get("iscrowd", torch.zeros_like(item["labels"])))
@@ -283,21 +251,20 @@ class CellMatchMetrics(Metric):
         """Add a batch.
 
         Args:
-            preds, targets: per image, as in the module docstring.
+            preds, targets: per image, as in the module docstring (``masks`` may also be
+                :class:`cellseg_pl.masks.MaskWindows`, or ``rles`` and ``areas`` replace them: see :func:`encoded`).
             area_scale: per image, mask px per original-image px (the letterbox gain squared; ``ratio_pad[0] ** 2``
                 of the batch) when masks are not at the original resolution; default 1.
         """
         for i, (pred, target) in enumerate(zip(preds, targets)):
             keep = pred["scores"] >= self.conf
             kept = torch.nonzero(keep).view(-1).tolist()
-            # (no copy of the kept masks; their areas counted from the runs while encoding)
-            pred_rles, areas = encode_masks_with_areas(pred["masks"], kept,
-                                                       pred["boxes"] if self.pred_masks_in_boxes else None)
-            rows, _, ious = _match_rles(
-                pred_rles, pred["labels"][keep], encode_masks(target["masks"]), target["labels"], self.iou_threshold
-            )
+            pred_rles, areas = encoded(pred, kept, in_boxes=self.pred_masks_in_boxes)
+            true_rles, _ = encoded(target)
+            rows, _, ious = _match_rles(pred_rles, pred["labels"][keep], true_rles, target["labels"],
+                                        self.iou_threshold)  # fmt: skip
             tp, iou_sum = len(rows), float(sum(ious))
-            fp, fn = len(kept) - tp, len(target["masks"]) - tp
+            fp, fn = len(kept) - tp, len(true_rles) - tp
             unmatched = np.ones(len(kept), dtype=bool)
             unmatched[rows] = False
             scale = area_scale[i] if area_scale is not None else 1.0
@@ -307,7 +274,7 @@ class CellMatchMetrics(Metric):
             self.fp += fp
             self.fn += fn
             self.iou_sum += iou_sum
-            n_pred, n_true = int(keep.sum()), len(target["masks"])
+            n_pred, n_true = int(keep.sum()), len(true_rles)
             self.abs_count_err += abs(n_pred - n_true)
             self.rel_count_err += abs(n_pred - n_true) / max(n_true, 1)
             self.images += 1
@@ -333,16 +300,16 @@ class CellMatchMetrics(Metric):
         }
 
 
-def targets_from_batch(batch: dict) -> list[dict[str, torch.Tensor]]:
-    """Ground truth per image from a validation batch (needs the full-resolution ``instances`` maps)."""
+def targets_from_batch(batch: dict) -> list[dict[str, Any]]:
+    """Ground truth per image from a validation batch (needs the full-resolution ``instances`` maps): ``boxes``,
+    ``labels`` and ``masks`` as :class:`cellseg_pl.masks.MaskWindows`."""
     targets = []
     inst = batch["instances"]
     size = inst.shape[-1]
     for i in range(inst.shape[0]):
         sel = batch["batch_idx"] == i
         n = int(sel.sum())
-        ids = torch.arange(1, n + 1, device=inst.device, dtype=inst.dtype)
-        masks = inst[i][None] == ids[:, None, None]
+        masks = MaskWindows.from_label_map(inst[i], n)
         xywh = batch["bboxes"][sel] * size
         boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
         targets.append({"masks": masks, "boxes": boxes, "labels": batch["cls"][sel].view(-1).long()})
@@ -370,18 +337,24 @@ class ValidationMetrics(torch.nn.Module):
 
     def __init__(self, pr_conf: float, min_area: float) -> None:
         super().__init__()
-        self.mean_ap = mask_map_metric(pred_masks_in_boxes=True)  # postprocess crops every mask to its box
-        self.cells = CellMatchMetrics(conf=pr_conf, min_area=min_area, pred_masks_in_boxes=True)
+        self.mean_ap = mask_map_metric()  # (update encodes the masks once, for both metrics)
+        self.cells = CellMatchMetrics(conf=pr_conf, min_area=min_area)
 
-    def update(self, preds: list[dict[str, torch.Tensor]], batch: dict) -> list[dict[str, torch.Tensor]]:
-        """Add one batch; returns its targets (network-input px)."""
+    def update(self, preds: list[dict[str, Any]], batch: dict) -> list[dict[str, Any]]:
+        """Add one batch; returns its targets (network-input px). Each mask is encoded once for both metrics."""
         targets = targets_from_batch(batch)
-        self.mean_ap.update(
-            [{k: p[k] for k in ("boxes", "scores", "labels", "masks")} for p in preds],
-            [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets],
-        )
+
+        # postprocess crops every predicted mask to its box; all masks of the batch are encoded on the process's
+        # threads
+        items = [(p, ("boxes", "scores", "labels")) for p in preds] + [(t, ("boxes", "labels")) for t in targets]
+        windows = [x["masks"] if isinstance(x["masks"], MaskWindows) else MaskWindows.from_dense(
+            x["masks"], x["boxes"] if i < len(preds) else None) for i, (x, _) in enumerate(items)]
+        coded = [{**{k: x[k] for k in keys}, "rles": rles, "areas": areas}
+                 for (x, keys), (rles, areas) in zip(items, encode_many(windows))]
+        pred_items, true_items = coded[: len(preds)], coded[len(preds) :]
+        self.mean_ap.update(pred_items, true_items)
         # masks are at network-input scale: droplet areas (original px) scale by the letterbox gain squared
-        self.cells.update(preds, targets, [gain**2 for gain, _ in batch["ratio_pad"]])
+        self.cells.update(pred_items, true_items, [gain**2 for gain, _ in batch["ratio_pad"]])
         return targets
 
     def compute(self) -> dict[str, torch.Tensor]:

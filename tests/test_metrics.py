@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from cellseg_pl.masks import MaskWindows
 from cellseg_pl.metrics import (
     CellMatchMetrics,
     encode_crops,
@@ -287,7 +288,7 @@ def test_module_validation_with_300_detections_per_image(tiny_data, monkeypatch)
     from cellseg_pl.data.datamodule import CellSegDataModule
     from cellseg_pl.train.module import CellSegModule
 
-    def dense(det, proto, num_classes, conf=0.001, iou=0.7, max_det=300, with_masks=True):
+    def dense(det, proto, num_classes, conf=0.001, iou=0.7, max_det=300, masks="dense"):
         size = proto.shape[-1] * 4
         masks = grid_cells(300, 4, 7, size)
         boxes = torch.stack([torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
@@ -302,5 +303,11 @@ def test_module_validation_with_300_detections_per_image(tiny_data, monkeypatch)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+
+    def windows(*args, **kwargs):  # the same masks as MaskWindows, as the module's postprocess gives them
+        return [{**r, "masks": MaskWindows.from_dense(r["masks"])} for r in dense(*args, **kwargs)]
+
+    monkeypatch.setattr(module_mod, "postprocess", windows)
+    assert trainer.validate(model, datamodule=data, verbose=False) == [metrics]
     assert metrics["metrics/count_MAE"] > 250  # ~12 cells per image, 300 detections above pr_conf
     assert metrics["metrics/FP_droplet_sized"] > 0 and 0 <= metrics["metrics/mAP50(M)"] <= 1

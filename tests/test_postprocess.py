@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellseg_pl.yolo.postprocess import box_masks, postprocess, to_original
+from cellseg_pl.yolo.postprocess import box_mask_windows, box_masks, postprocess, to_original
 
 S, NC, NM = 64, 2, 32  # input side, classes, mask coefficients
 
@@ -74,7 +74,12 @@ def test_batch_without_detections_and_without_masks():
     assert [len(o["scores"]) for o in outs] == [2, 0]
     empty = outs[1]
     assert empty["boxes"].shape == (0, 4) and empty["coeffs"].shape == (0, NM) and empty["masks"].shape == (0, S, S)
-    no_masks = postprocess(head_output(ROWS), prototypes(), NC, with_masks=False)[0]
+    windows = postprocess(head_output(ROWS), prototypes(), NC, masks="windows")[0]
+    dense = postprocess(head_output(ROWS), prototypes(), NC)[0]
+    assert torch.equal(windows["masks"].dense(), dense["masks"])
+    with pytest.raises(ValueError, match="'dense', 'windows' or None"):
+        postprocess(head_output(ROWS), prototypes(), NC, masks="full")
+    no_masks = postprocess(head_output(ROWS), prototypes(), NC, masks=None)[0]
     assert "masks" not in no_masks and len(no_masks["boxes"]) == 2
 
 
@@ -120,6 +125,16 @@ def test_box_masks_are_ultralytics_process_mask_bit_for_bit(side):
     got = box_masks(proto, coeffs, boxes, (side, side))
     assert got.dtype == torch.bool and got.shape == (n, side, side)
     assert expected.any() and torch.equal(got, expected)
+    # as windows (what validation scores): the same masks, and pycocotools' RLEs and areas of them
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    windows = box_mask_windows(proto, coeffs, boxes, (side, side))
+    assert len(windows.groups) > 1 and torch.equal(windows.dense(), expected)
+    rles, areas = windows.encode()
+    ref = mask_utils.encode(np.asfortranarray(expected.permute(1, 2, 0).numpy().astype(np.uint8)))
+    assert [r["counts"] for r in rles] == [r["counts"] for r in ref]
+    assert areas == expected.sum((1, 2)).tolist()
     assert box_masks(proto, coeffs[:0], boxes[:0], (side, side)).shape == (0, side, side)
     with pytest.raises(ValueError, match="not 4x"):
         box_masks(proto, coeffs, boxes, (side, side + 4))

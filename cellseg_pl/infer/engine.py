@@ -296,7 +296,7 @@ class Predictor:
             x = torch.from_numpy(np.stack([a for _, a in chunk])).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             det, proto, _ = split_outputs(self.net(x))
-            results = postprocess(det, proto, self.num_classes, self.conf, self.iou, self.max_det, with_masks=False)
+            results = postprocess(det, proto, self.num_classes, self.conf, self.iou, self.max_det, masks=None)
             for (win, _), result, p in zip(chunk, results, proto):
                 found[win.image].extend(instances_from(result, p, (self.imgsz, self.imgsz), win))
             progress.update([win for win, _ in chunk], found)

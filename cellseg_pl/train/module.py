@@ -198,7 +198,7 @@ class CellSegModule(L.LightningModule):
         _, parts = self.criterion(raw, batch)
         bs = batch["img"].shape[0]
         self.log_dict({f"{prefix}/{k}": v for k, v in parts.items()}, on_epoch=True, batch_size=bs, sync_dist=True)
-        preds = postprocess(det, proto, h.num_classes, h.conf, h.iou, h.max_det)
+        preds = postprocess(det, proto, h.num_classes, h.conf, h.iou, h.max_det, masks="windows")
         return {"preds": preds, "targets": self.metrics.update(preds, batch)}
 
     def _log_metrics(self) -> None:

@@ -35,6 +35,7 @@ import torch
 
 from cellseg_pl.files import write_atomic
 from cellseg_pl.infer.overlay import PRED_COLOR
+from cellseg_pl.masks import MaskWindows
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,11 @@ def plot_results(csv_path: str | Path, out_png: str | Path | None = None, dpi: i
 
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def dense_masks(masks: torch.Tensor | MaskWindows) -> torch.Tensor:
+    """(n, H, W) bool masks on the CPU, from a tensor or from :class:`cellseg_pl.masks.MaskWindows`."""
+    return masks.dense("cpu") if isinstance(masks, MaskWindows) else masks.cpu()
 
 
 def _outlines(masks: np.ndarray, scale: float) -> list[np.ndarray]:
@@ -307,8 +313,8 @@ class ValidationPictures(L.Callback):
         img = batch["img"][:n].detach().float()
         img = img * 255 if img.max() <= 1.0 else img  # after on_after_batch_transfer: 0..1
         images = img.clamp(0, 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        preds = [{"masks": p["masks"].cpu(), "scores": p["scores"].cpu()} for p in outputs["preds"][:n]]
-        targets = [{"masks": t["masks"].cpu()} for t in outputs["targets"][:n]]
+        preds = [{"masks": dense_masks(p["masks"]), "scores": p["scores"].cpu()} for p in outputs["preds"][:n]]
+        targets = [{"masks": dense_masks(t["masks"])} for t in outputs["targets"][:n]]
         self._batch = (images, preds, targets)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

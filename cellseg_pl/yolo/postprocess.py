@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from cellseg_pl.masks import MaskGroup, MaskWindows, size_groups
+
 
 def postprocess(
     det: torch.Tensor,
@@ -15,8 +17,8 @@ def postprocess(
     conf: float = 0.001,
     iou: float = 0.7,
     max_det: int = 300,
-    with_masks: bool = True,
-) -> list[dict[str, torch.Tensor]]:
+    masks: str | None = "dense",
+) -> list[dict]:
     """NMS and mask assembly at the network input resolution.
 
     Args:
@@ -26,41 +28,58 @@ def postprocess(
         conf: minimum score kept.
         iou: NMS IoU threshold.
         max_det: maximum detections per image.
-        with_masks: assemble ``masks``; prediction at the original size (:func:`to_original`) does not need them.
+        masks: ``"dense"``: ``masks`` (n, S, S) bool (prototypes upsampled to S, then cropped to the box);
+            ``"windows"``: the same masks as :class:`cellseg_pl.masks.MaskWindows` (each kept in a window around its
+            box: what validation scores, without n full-size masks); None: no masks (prediction at the original
+            size, :func:`to_original`, rebuilds them).
 
     Returns:
         One dict per image: ``boxes`` (n, 4) xyxy px in the S x S input, ``scores`` (n,), ``labels`` (n,) int64,
-        ``coeffs`` (n, 32), ``masks`` (n, S, S) bool (prototypes upsampled to S, then cropped to the box; absent
-        without ``with_masks``).
+        ``coeffs`` (n, 32), and ``masks`` as asked.
     """
     from ultralytics.utils.nms import non_max_suppression
 
+    if masks not in ("dense", "windows", None):
+        raise ValueError(f"postprocess: masks must be 'dense', 'windows' or None, not {masks!r}")
     size = (proto.shape[2] * 4, proto.shape[3] * 4)
     outputs = non_max_suppression(det, conf, iou, nc=num_classes, multi_label=False, max_det=max_det)
     results = []
     for i, x in enumerate(outputs):
         boxes, coeffs = x[:, :4], x[:, 6:]
         result = {"boxes": boxes, "scores": x[:, 4], "labels": x[:, 5].long(), "coeffs": coeffs}
-        if with_masks:
-            result["masks"] = box_masks(proto[i], coeffs, boxes, size)
+        if masks is not None:
+            windows = box_mask_windows(proto[i], coeffs, boxes, size)
+            result["masks"] = windows if masks == "windows" else windows.dense(coeffs.device)
         results.append(result)
     return results
 
 
-#: low-resolution pixels kept around a box's footprint, so that no interpolated pixel inside the box meets the edge
-#: of its window (where bilinear interpolation would clamp instead of reading the neighbour)
-_WINDOW_MARGIN = 2
+#: low-resolution pixels kept around a box's footprint: output pixel j reads prototype pixels floor((j + 0.5) / 4 -
+#: 0.5) and the next, within [j // 4 - 1, j // 4 + 1], so no pixel inside the box reads beyond its window (where
+#: bilinear interpolation would clamp instead of reading the neighbour)
+_WINDOW_MARGIN = 1
 
 
 def box_masks(proto: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Ultralytics' ``process_mask(..., upsample=True)`` computed near each box only: the same (n, H, W) bool masks.
+    """Ultralytics' ``process_mask(..., upsample=True)``: (n, H, W) bool masks, from :func:`box_mask_windows`.
+
+    Args: as :func:`box_mask_windows`.
+    """
+    return box_mask_windows(proto, coeffs, boxes, size).dense(coeffs.device)
+
+
+def box_mask_windows(proto: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]
+                     ) -> MaskWindows:  # fmt: skip
+    """Ultralytics' ``process_mask(..., upsample=True)`` computed near each box only: the same masks, as windows.
 
     Ultralytics upsamples every detection's mask to the whole input (``n x H x W`` floats: 300 x 640 x 640 with
     ``max_det`` 300) and then zeroes all but its box. Here each mask is upsampled in a window of prototype pixels
-    around its box and cropped there. Bilinear interpolation by 4 reads the same two prototype pixels, with the same
-    weights, for a pixel of the window as for that pixel of the whole image, so the masks are identical (a test
-    compares them with Ultralytics' bit for bit); validation with hundreds of low-confidence detections per image is
-    several times faster on the CPU. On a GPU, Ultralytics' single whole-image kernel is used.
+    around its box (windows of similar size share one stack: one gather and one ``interpolate`` per
+    :data:`cellseg_pl.masks.GROUP_SIZE` masks) and cropped to the box. Bilinear interpolation by 4 reads the same
+    two prototype pixels, with the same weights, for a pixel of the window as for that pixel of the whole image
+    (beyond the image's last row or column the window repeats it, as the whole image's interpolation clamps), so the
+    masks are identical (a test compares them with Ultralytics' bit for bit); validation with hundreds of
+    low-confidence detections per image is several times faster, and holds no full-size masks.
 
     Args:
         proto: (32, h, w) prototypes of one image.
@@ -75,28 +94,38 @@ def box_masks(proto: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, si
     height, width = size
     if (height, width) != (4 * mh, 4 * mw):
         raise ValueError(f"box_masks: input size {size} is not 4x the prototype size {(mh, mw)}")
-    if coeffs.device.type != "cpu":  # an accelerator does the whole-image upsampling in one kernel, faster than
-        from ultralytics.utils.ops import process_mask  # hundreds of small ones
-
-        return process_mask(proto, coeffs, boxes, size, upsample=True).bool()
-    out = torch.zeros((n, height, width), dtype=torch.bool, device=coeffs.device)
     if not n:
-        return out
+        return MaskWindows(size=(height, width), count=0, groups=())
+    device = coeffs.device
     low = (coeffs @ proto.float().view(c, -1)).view(n, mh, mw)  # as Ultralytics: one product for all masks
     # crop_mask keeps the pixels x1 <= col < x2 and y1 <= row < y2
     b = boxes.float().ceil().clamp(min=0)
-    cols = torch.stack([b[:, 0].clamp(max=width), b[:, 2].clamp(max=width)], 1).long().tolist()
-    rows = torch.stack([b[:, 1].clamp(max=height), b[:, 3].clamp(max=height)], 1).long().tolist()
-    for k, ((x0, x1), (y0, y1)) in enumerate(zip(cols, rows)):
-        if x1 <= x0 or y1 <= y0:
-            continue
-        # prototype pixels read by pixel j: floor((j + 0.5) / 4 - 0.5) and the next, in [j // 4 - 1, j // 4 + 1]
-        lx0, lx1 = max(x0 // 4 - _WINDOW_MARGIN, 0), min((x1 - 1) // 4 + _WINDOW_MARGIN, mw - 1) + 1
-        ly0, ly1 = max(y0 // 4 - _WINDOW_MARGIN, 0), min((y1 - 1) // 4 + _WINDOW_MARGIN, mh - 1) + 1
-        window = low[k, ly0:ly1, lx0:lx1]
-        up = F.interpolate(window[None, None], (4 * (ly1 - ly0), 4 * (lx1 - lx0)), mode="bilinear")[0, 0]
-        out[k, y0:y1, x0:x1] = up[y0 - 4 * ly0 : y1 - 4 * ly0, x0 - 4 * lx0 : x1 - 4 * lx0] > 0
-    return out
+    x0, x1 = b[:, 0].clamp(max=width).long(), b[:, 2].clamp(max=width).long()
+    y0, y1 = b[:, 1].clamp(max=height).long(), b[:, 3].clamp(max=height).long()
+    empty = (x1 <= x0) | (y1 <= y0)
+    # prototype pixels read by pixel j: floor((j + 0.5) / 4 - 0.5) and the next, in [j // 4 - 1, j // 4 + 1]
+    lx0 = (torch.div(x0, 4, rounding_mode="floor") - _WINDOW_MARGIN).clamp(min=0)
+    ly0 = (torch.div(y0, 4, rounding_mode="floor") - _WINDOW_MARGIN).clamp(min=0)
+    lx1 = (torch.div(x1 - 1, 4, rounding_mode="floor") + _WINDOW_MARGIN).clamp(max=mw - 1) + 1
+    ly1 = (torch.div(y1 - 1, 4, rounding_mode="floor") + _WINDOW_MARGIN).clamp(max=mh - 1) + 1
+    lw = torch.where(empty, 0, lx1 - lx0).clamp(min=0)
+    lh = torch.where(empty, 0, ly1 - ly0).clamp(min=0)
+    groups = []
+    for index in size_groups(lh, lw):
+        rows_n, cols_n = max(int(lh[index].max()), 1), max(int(lw[index].max()), 1)
+        # beyond the prototypes' last row or column, repeat it (the whole image's interpolation clamps there)
+        rows = (ly0[index, None] + torch.arange(rows_n, device=device)).clamp(max=mh - 1)
+        cols = (lx0[index, None] + torch.arange(cols_n, device=device)).clamp(max=mw - 1)
+        window = low[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+        up = F.interpolate(window[:, None], (4 * rows_n, 4 * cols_n), mode="bilinear")[:, 0] > 0
+        top, left = 4 * ly0[index], 4 * lx0[index]
+        r = top[:, None] + torch.arange(4 * rows_n, device=device)  # image rows of the window
+        col = left[:, None] + torch.arange(4 * cols_n, device=device)
+        inside_r = (r >= y0[index, None]) & (r < y1[index, None])
+        inside_c = (col >= x0[index, None]) & (col < x1[index, None])
+        up &= inside_r[:, :, None] & inside_c[:, None, :]
+        groups.append(MaskGroup(up, left, top, index))
+    return MaskWindows(size=(height, width), count=n, groups=tuple(groups))
 
 
 def to_original(
