@@ -378,3 +378,24 @@ def test_validate_prints_the_metrics_once_without_lightning_warnings(one_epoch_c
     assert out.count("validation (") == 1 and out.count("mask mAP50-95") == 1
     assert "Validate metric" not in out + err  # Lightning's own table
     assert not (tmp_path / "elsewhere").exists()  # validate writes no run folder
+
+
+def test_file_checkpoint_io_writes_the_checkpoint_straight_into_its_file(tmp_path, monkeypatch):
+    """The checkpoint written into its file (no in-memory copy through fsspec) loads back as it was; remote paths
+    keep Lightning's writer."""
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    from cellseg_pl.train.callbacks import FileCheckpointIO
+
+    calls = []
+    monkeypatch.setattr(torch_io, "_atomic_save", lambda *a, **k: calls.append(a[1]))
+    state = {"state_dict": {"w": torch.arange(6.0).view(2, 3)}, "epoch": 4, "note": "x"}
+    path = tmp_path / "sub" / "last.ckpt"
+    FileCheckpointIO().save_checkpoint(state, path)
+    back = torch.load(path, weights_only=False)
+    assert back["epoch"] == 4 and back["note"] == "x" and torch.equal(back["state_dict"]["w"], state["state_dict"]["w"])
+    assert calls == []  # not through Lightning's in-memory writer
+    FileCheckpointIO().save_checkpoint(state, "memory://bucket/last.ckpt")
+    assert calls == ["memory://bucket/last.ckpt"]
+    with pytest.raises(TypeError, match="storage_options"):
+        FileCheckpointIO().save_checkpoint(state, path, storage_options={"a": 1})

@@ -321,6 +321,9 @@ def test_default_root_dir_equal_to_the_run_folder_or_from_an_old_config_is_used(
     same = fit_args(tiny_data, tmp_path, "run", 1, "--trainer.default_root_dir", str(tmp_path / "run"))
     cli = CellSegCLI(args=same[1:], run=False)
     assert cli.run_dir == tmp_path / "run" and cli.trainer.default_root_dir == str(tmp_path / "run")
+    from cellseg_pl.train.callbacks import FileCheckpointIO
+
+    assert isinstance(cli.trainer.strategy.checkpoint_io, FileCheckpointIO)  # a fit writes checkpoints straight
     # a config.yaml saved by an earlier version holds both derived folders of its own run; re-run under a new name
     old = tmp_path / "old"
     args = fit_args(tiny_data, tmp_path, "new", 1, "--trainer.default_root_dir", str(old),

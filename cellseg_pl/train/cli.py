@@ -35,6 +35,7 @@ from cellseg_pl.train.callbacks import (
     CloseMosaic,
     ConsoleReport,
     CpuThreads,
+    FileCheckpointIO,
     FitnessEarlyStopping,
     ProgressBar,
     ResultsCSV,
@@ -184,6 +185,8 @@ class CellSegCLI(LightningCLI):
             if trainer_cfg.get("logger") in (None, True):
                 kwargs["logger"] = TensorBoardLogger(str(self.run_dir), name="", version="", default_hp_metric=False)
             kwargs["callbacks"] = fit_callbacks(self.run_dir, trainer_cfg, self._get(self.config, "data", default={}))
+            if not trainer_cfg.get("plugins"):  # (a user's own plugins, a CheckpointIO among them, are kept)
+                kwargs["plugins"] = [FileCheckpointIO()]
         elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False
         if self.subcommand == "predict":
