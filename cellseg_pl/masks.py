@@ -51,16 +51,20 @@ class MaskWindows:
     def __len__(self) -> int:
         return self.count
 
-    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The masks as a (count, H, W) bool tensor (for drawing; the metrics never need it)."""
+    def dense(self, device: torch.device | str | None = None, indices: list[int] | None = None) -> torch.Tensor:
+        """The masks (all, or ``indices`` in that order) as a (n, H, W) bool tensor (for drawing; the metrics never
+        need it)."""
         h, w = self.size
-        out = torch.zeros((self.count, h, w), dtype=torch.bool, device=device)
+        position = dict(zip(indices, range(len(indices)))) if indices is not None else None
+        out = torch.zeros((self.count if indices is None else len(indices), h, w), dtype=torch.bool, device=device)
         for g in self.groups:
             _, rows, cols = g.masks.shape
             for k, x0, y0, m in zip(g.index.tolist(), g.left.tolist(), g.top.tolist(), g.masks):
+                if position is not None and k not in position:
+                    continue
                 r, c = min(rows, h - y0), min(cols, w - x0)
                 if r > 0 and c > 0:
-                    out[k, y0 : y0 + r, x0 : x0 + c] = m[:r, :c].to(out.device)
+                    out[k if position is None else position[k], y0 : y0 + r, x0 : x0 + c] = m[:r, :c].to(out.device)
         return out
 
     def encode(self, indices: list[int] | None = None) -> tuple[list[dict], list[int]]:

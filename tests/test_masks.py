@@ -48,6 +48,7 @@ def test_windows_of_dense_masks_encode_as_pycocotools_and_give_the_masks_back(h,
         rles, got_areas = windows.encode()
         assert [r["counts"] for r in rles] == counts and got_areas == areas
         assert len(windows) == n and torch.equal(windows.dense(), torch.from_numpy(stack))
+        assert torch.equal(windows.dense(indices=[n - 1, 0]), torch.from_numpy(stack[[n - 1, 0]]))
     if n > masks_mod.GROUP_SIZE:
         assert len(MaskWindows.from_dense(stack).groups) > 1
     # read inside boxes that hold each mask (with fractional bounds), and a subset in another order

@@ -167,9 +167,11 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def dense_masks(masks: torch.Tensor | MaskWindows) -> torch.Tensor:
-    """(n, H, W) bool masks on the CPU, from a tensor or from :class:`cellseg_pl.masks.MaskWindows`."""
-    return masks.dense("cpu") if isinstance(masks, MaskWindows) else masks.cpu()
+def dense_masks(masks: torch.Tensor | MaskWindows, indices: list[int] | None = None) -> torch.Tensor:
+    """(n, H, W) bool masks (all, or ``indices``) on the CPU, from a tensor or :class:`cellseg_pl.masks.MaskWindows`."""
+    if isinstance(masks, MaskWindows):
+        return masks.dense("cpu", indices)
+    return (masks if indices is None else masks[indices]).cpu()
 
 
 def _outlines(masks: np.ndarray, scale: float) -> list[np.ndarray]:
@@ -313,7 +315,11 @@ class ValidationPictures(L.Callback):
         img = batch["img"][:n].detach().float()
         img = img * 255 if img.max() <= 1.0 else img  # after on_after_batch_transfer: 0..1
         images = img.clamp(0, 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        preds = [{"masks": dense_masks(p["masks"]), "scores": p["scores"].cpu()} for p in outputs["preds"][:n]]
+        conf = float(getattr(pl_module.hparams, "pr_conf", 0.25))
+        preds = []
+        for p in outputs["preds"][:n]:  # only what is drawn (up to 300 detections score above 0.001)
+            shown = torch.nonzero(p["scores"] >= conf).view(-1).tolist()
+            preds.append({"masks": dense_masks(p["masks"], shown), "scores": p["scores"][shown].cpu()})
         targets = [{"masks": dense_masks(t["masks"])} for t in outputs["targets"][:n]]
         self._batch = (images, preds, targets)
 
