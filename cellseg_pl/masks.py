@@ -14,6 +14,8 @@ Every producer of masks for the metrics goes through here: the predicted masks o
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,11 +163,8 @@ def encode_many(windows: list[MaskWindows]) -> list[tuple[list[dict], list[int]]
 _POOLS: dict = {}
 
 
-def _pool(threads: int):  # noqa: ANN202 - a concurrent.futures.ThreadPoolExecutor
+def _pool(threads: int) -> ThreadPoolExecutor:
     """A thread pool of this process (a forked child makes its own: threads do not survive a fork)."""
-    from concurrent.futures import ThreadPoolExecutor
-    import os
-
     key = (os.getpid(), threads)
     if key not in _POOLS:
         _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="cellseg_pl-rle")

@@ -5,10 +5,9 @@ Both take the same inputs, per image::
     pred   = {"masks": (n, H, W) bool, "boxes": (n, 4) xyxy px, "scores": (n,), "labels": (n,) int64}
     target = {"masks": (m, H, W) bool, "boxes": (m, 4) xyxy px, "labels": (m,) int64}
 
-where ``masks`` may also be :class:`cellseg_pl.masks.MaskWindows` (what validation passes: no full-size masks),
-or ``rles`` and ``areas`` may replace them (masks already encoded: :func:`encoded`).
-
-and are torchmetrics ``Metric`` objects, so Lightning reduces them across processes.
+and are torchmetrics ``Metric`` objects, so Lightning reduces them across processes. ``masks`` may also be
+:class:`cellseg_pl.masks.MaskWindows` (what validation passes: no full-size masks), or ``rles`` and ``areas`` may
+replace them (masks already encoded: :func:`encoded`).
 """
 
 from __future__ import annotations
@@ -68,6 +67,8 @@ def encoded(item: dict[str, Any], indices: list[int] | None = None, in_boxes: bo
     masks = item["masks"]
     if not isinstance(masks, MaskWindows):
         masks = MaskWindows.from_dense(masks, item["boxes"] if in_boxes else None)
+    if "labels" in item and len(masks) != len(item["labels"]):
+        raise ValueError(f"{len(masks)} masks for {len(item['labels'])} labels")
     return masks.encode(indices)
 
 
