@@ -254,16 +254,21 @@ def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.
     chosen = ids[eligible[: round(fraction * len(eligible))]]
     if not len(chosen):
         return sample
-    flipped_ids = instances[:, ::-1]
     lut = np.zeros(int(instances.max()) + 1, np.uint16)  # (instance maps are uint16: a small, fast gather)
     n = len(sample["classes"])
     lut[chosen] = n + 1 + np.arange(len(chosen))
-    new = lut[flipped_ids]
+    # only the window holding the chosen cells' mirrored boxes changes
+    picked = mirrored[eligible[: len(chosen)]].astype(np.int64)
+    x0, y0 = picked[:, :2].min(0)
+    x1, y1 = picked[:, 2:].max(0)
+    window = (slice(y0, y1), slice(x0, x1))
+    mirror = (slice(y0, y1), slice(w - x1, w - x0))  # the same pixels of the left-right mirrored image
+    new = lut[instances[mirror][:, ::-1]]
     paste = new > 0
     image = sample["image"].copy()
-    image[paste] = sample["image"][:, ::-1][paste]
+    np.copyto(image[window], sample["image"][mirror][:, ::-1], where=paste[..., None] if image.ndim == 3 else paste)
     out = instances.astype(np.uint16, copy=True)
-    out[paste] = new[paste]
+    np.copyto(out[window], new, where=paste)
     classes = np.asarray(sample["classes"], np.int64)
     classes = np.concatenate([classes, classes[chosen - 1]])
     return {**sample, "image": image, "instances": out, "classes": classes}
