@@ -222,9 +222,10 @@ class FileCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        from fsspec.implementations.local import LocalFileSystem
         from lightning.fabric.utilities.cloud_io import get_filesystem
 
-        if storage_options is not None or type(get_filesystem(path)).__name__ != "LocalFileSystem":
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         torch.save(checkpoint, path)
