@@ -6,12 +6,14 @@ Both take the same inputs, per image::
     target = {"masks": (m, H, W) bool, "boxes": (m, 4) xyxy px, "labels": (m,) int64}
 
 and are torchmetrics ``Metric`` objects, so Lightning reduces them across processes. ``masks`` may also be
-:class:`cellseg_pl.masks.MaskWindows` (what validation passes: no full-size masks), or ``rles`` and ``areas`` may
-replace them (masks already encoded: :func:`encoded`).
+:class:`cellseg_pl.masks.MaskWindows`, or ``rles`` and ``areas`` may replace them (masks already encoded:
+:func:`encoded`), or the masks' IoUs may: a prediction's ``mask_ious`` ((n, m) float64, with its image's m true
+masks) and ``areas``, and the target's ``areas`` (what validation passes, :func:`mask_ious`: it never encodes).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.detection.helpers import CocoBackend
 from torchvision.ops import box_convert
 
-from cellseg_pl.masks import MaskWindows, encode_many
+from cellseg_pl.masks import MaskWindows, map_on_threads
 
 #: COCO max-detection thresholds with the last raised to 300 (the lab's images hold ~57 cells, often more).
 MAX_DETECTIONS = [1, 10, 300]
@@ -72,6 +74,26 @@ def encoded(item: dict[str, Any], indices: list[int] | None = None, in_boxes: bo
     return masks.encode(indices)
 
 
+def mask_ious(pred: MaskWindows, labels: torch.Tensor | np.ndarray, count: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """IoUs of predicted masks with the ``count`` true instances of a label map (instance k, 0-based, holds k + 1).
+
+    The same numbers as pycocotools' ``mask.iou`` of the RLEs (no crowd): intersection over union of the pixel
+    counts, divided as doubles; 0 where the union is empty. Counted in the masks' windows
+    (:meth:`cellseg_pl.masks.MaskWindows.overlaps`): nothing is run-length encoded.
+
+    Returns:
+        ``(ious, pred_areas, true_areas)``: (n, count) float64, (n,) and (count,) int64 pixel counts.
+    """
+    inter, areas = pred.overlaps(labels, count)
+    lab = torch.as_tensor(labels).reshape(-1).to(torch.int64)
+    true_areas = torch.bincount(lab, minlength=count + 1)[1 : count + 1].cpu().numpy()
+    union = areas[:, None] + true_areas[None, :] - inter
+    ious = np.zeros(union.shape, np.float64)
+    np.divide(inter, union, out=ious, where=union > 0)
+    return ious, areas, true_areas
+
+
 class MaskMeanAP(MeanAveragePrecision):
     """torchmetrics' ``MeanAveragePrecision`` with fast mask encoding and a sync for uneven image counts.
 
@@ -83,6 +105,9 @@ class MaskMeanAP(MeanAveragePrecision):
     * The stock sync gathers its list states as padded tensors and fails (a collective size mismatch) when the
       processes scored different numbers of images, which an unrepeated validation split produces. Here every
       list state is gathered as Python objects, so 2 processes give exactly the single-process result.
+    * Masks may come as their IoUs (a prediction's ``mask_ious`` with its image's true masks, and both sides'
+      ``areas``; :func:`mask_ious`): then nothing is encoded, and the COCO evaluation reads those IoUs instead of
+      computing them from RLEs (the same numbers). Every image of a pass must come the same way.
 
     Written against torchmetrics 1.9 (pinned): it fills the same states the stock ``update`` does.
 
@@ -97,6 +122,7 @@ class MaskMeanAP(MeanAveragePrecision):
         self.pred_masks_in_boxes = pred_masks_in_boxes
         self._coco_backend = _KnownAreaBackend(self._coco_backend.backend)
         self.add_state("detection_area", default=[], dist_reduce_fx=None)
+        self.add_state("detection_mask_iou", default=[], dist_reduce_fx=None)  # (images given by their IoUs)
 
     def update(self, preds: list[dict[str, Any]], target: list[dict[str, Any]]) -> None:
         """The stock ``update``; ``masks`` may also be :class:`cellseg_pl.masks.MaskWindows`, and an item that holds
@@ -106,29 +132,49 @@ class MaskMeanAP(MeanAveragePrecision):
         _input_validator(preds, target, iou_type="bbox")
         for items in (preds, target):
             for i, item in enumerate(items):
-                if "masks" not in item and "rles" not in item:
-                    raise ValueError(f"MaskMeanAP: item {i} has neither `masks` nor `rles`")
-        for item in preds:
+                if "masks" not in item and "rles" not in item and "areas" not in item:
+                    raise ValueError(f"MaskMeanAP: item {i} has neither `masks` nor `rles` nor `areas`")
+        given = [("mask_ious" in p) for p in preds]
+        for i, (p, t) in enumerate(zip(preds, target)):
+            if given[i] and not ("areas" in p and "areas" in t and "masks" not in t and "rles" not in t):
+                raise ValueError(f"MaskMeanAP: image {i} gives `mask_ious`: it needs `areas` on both sides, no masks")
+            if given[i] and tuple(p["mask_ious"].shape) != (len(p["labels"]), len(t["labels"])):
+                raise ValueError(f"MaskMeanAP: image {i}: `mask_ious` of {tuple(p['mask_ious'].shape)} for "
+                                 f"{len(p['labels'])} predictions and {len(t['labels'])} true masks")
+            if given[i] and "iscrowd" in t and bool(torch.as_tensor(t["iscrowd"]).any()):
+                raise ValueError(f"MaskMeanAP: image {i} gives `mask_ious` and crowd regions (IoU over the "
+                                 "prediction's area there): give its masks instead")
+        for item, iou_given in zip(preds, given):
             self.detection_box.append(box_convert(item["boxes"].reshape(-1, 4), "xyxy", "xywh"))
-            rles, areas = encoded(item, in_boxes=self.pred_masks_in_boxes)
-            self.detection_mask.append(_rle_state(rles))
-            self.detection_area.append(torch.tensor(areas, dtype=torch.float64))
+            if iou_given:
+                rles, areas = None, item["areas"]
+                self.detection_mask_iou.append(torch.as_tensor(item["mask_ious"], dtype=torch.float64).cpu())
+            else:
+                rles, areas = encoded(item, in_boxes=self.pred_masks_in_boxes)
+            self.detection_mask.append(_rle_state(rles, len(item["labels"])))
+            self.detection_area.append(torch.as_tensor(areas, dtype=torch.float64).cpu())
             self.detection_labels.append(item["labels"])
             self.detection_scores.append(item["scores"])
-        for item in target:
+        for item, iou_given in zip(target, given):
             self.groundtruth_box.append(box_convert(item["boxes"].reshape(-1, 4), "xyxy", "xywh"))
-            rles, areas = encoded(item)
-            self.groundtruth_mask.append(_rle_state(rles))
+            rles, areas = (None, item["areas"]) if iou_given else encoded(item)
+            self.groundtruth_mask.append(_rle_state(rles, len(item["labels"])))
             self.groundtruth_labels.append(item["labels"])
             self.groundtruth_crowds.append(item.get("iscrowd", torch.zeros_like(item["labels"])))
-            self.groundtruth_area.append(item["area"] if "area" in item else torch.tensor(areas, dtype=torch.float64))
+            self.groundtruth_area.append(
+                item["area"] if "area" in item else torch.as_tensor(areas, dtype=torch.float64).cpu())
 
     def compute(self) -> dict:
+        given = len(self.detection_mask_iou)
+        if given and given != len(self.detection_box):
+            raise ValueError(f"MaskMeanAP: {given} of {len(self.detection_box)} images gave `mask_ious`, the "
+                             "others masks: give every image's masks the same way")
         self._coco_backend.detection_area = self.detection_area
+        self._coco_backend.mask_ious = [x.numpy() for x in self.detection_mask_iou] if given else None
         try:
             return super().compute()
         finally:
-            self._coco_backend.detection_area = None
+            self._coco_backend.detection_area = self._coco_backend.mask_ious = None
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 - torchmetrics' signature
         world = torch.distributed.get_world_size(group=process_group)
@@ -139,30 +185,73 @@ class MaskMeanAP(MeanAveragePrecision):
             setattr(self, attr, [x for part in gathered for x in part])
 
 
-def _rle_state(rles: list[dict]) -> tuple:
-    """RLEs as torchmetrics' ``MeanAveragePrecision`` stores them: ``((h, w), counts)`` per mask."""
+#: the state of a mask given by its IoUs (:class:`MaskMeanAP`): no RLE, never decoded
+_NO_RLE = ((0, 0), b"")
+
+
+def _rle_state(rles: list[dict] | None, count: int) -> tuple:
+    """RLEs as torchmetrics' ``MeanAveragePrecision`` stores them: ``((h, w), counts)`` per mask; ``None``: the
+    ``count`` masks are given by their IoUs (placeholders)."""
+    if rles is None:
+        return (_NO_RLE,) * count
     return tuple((tuple(r["size"]), r["counts"]) for r in rles)
 
 
 class _KnownAreaBackend(CocoBackend):
     """torchmetrics' COCO backend given the predictions' mask areas (:class:`MaskMeanAP` sets ``detection_area``
-    for its ``compute``), instead of computing them from the RLEs."""
+    for its ``compute``), instead of computing them from the RLEs, and, when :class:`MaskMeanAP` sets ``mask_ious``
+    (per image, (predictions, true masks) float64), the mask IoUs instead of the RLEs (:func:`_evaluator_with_ious`)."""
 
     detection_area: list[torch.Tensor] | None = None
+    mask_ious: list[np.ndarray] | None = None
+
+    @property
+    def cocoeval(self) -> object:
+        if self.mask_ious is None:
+            return super().cocoeval
+        return functools.partial(_evaluator_with_ious, super().cocoeval, self.mask_ious)
 
     def _get_coco_format(self, labels, all_labels, boxes=None, masks=None, scores=None, area=None,  # noqa: ANN001
                          iou_type=("bbox",), average="micro", **kwargs: Any) -> dict:
         known = scores is not None and area is None and "segm" in iou_type and self.detection_area is not None
-        if not known:
-            return super()._get_coco_format(labels, all_labels, boxes=boxes, masks=masks, scores=scores, area=area,
-                                            iou_type=iou_type, average=average, **kwargs)
         out = super()._get_coco_format(labels, all_labels, boxes=boxes, masks=masks, scores=scores,
-                                       area=self.detection_area, iou_type=iou_type, average=average, **kwargs)
-        if len(iou_type) > 1:  # a known area skips the stock per-type areas, which compute swaps in per IoU type
+                                       area=self.detection_area if known else area, iou_type=iou_type,
+                                       average=average, **kwargs)
+        if known and len(iou_type) > 1:  # a known area skips the stock per-type areas, swapped in per IoU type
             for ann in out["annotations"]:
                 ann["area_segm"] = ann["area"]
                 ann["area_bbox"] = ann["bbox"][2] * ann["bbox"][3]
+        if self.mask_ious is not None:  # each annotation's position in its image: its row or column of the IoUs
+            image, k = None, 0
+            for ann in out["annotations"]:
+                k = k + 1 if ann["image_id"] == image else 0
+                image, ann["_position"] = ann["image_id"], k
         return out
+
+
+def _evaluator_with_ious(base: type, mask_ious: list[np.ndarray], coco_gt: Any, coco_dt: Any, iouType: str  # noqa: N803
+                         ) -> Any:  # fmt: skip
+    """A COCO evaluator of class ``base`` (faster_coco_eval's) whose mask IoUs are read from ``mask_ious`` (per image
+    id, (predictions, true masks)) instead of computed from RLEs; its box IoUs are its own."""
+    evaluator = base(coco_gt, coco_dt, iouType=iouType)
+    if iouType == "segm":
+        evaluator.params.compute_rle = False  # there are no RLEs to build
+        evaluator.computeIoU = functools.partial(_given_iou, evaluator, mask_ious)
+    return evaluator
+
+
+def _given_iou(evaluator: Any, mask_ious: list[np.ndarray], img_id: int, cat_id: int) -> np.ndarray | list:
+    """faster_coco_eval's ``COCOeval.computeIoU`` (1.8) with the IoU matrix looked up: the same detections, sorted
+    by score (stable) and cut to the last max-detections threshold, against the same true masks, in its order."""
+    p = evaluator.params
+    cats, use_cats = ([cat_id] if p.useCats else p.catIds), bool(p.useCats)
+    gt = evaluator.gt_dataset.get_instances([img_id], cats, use_cats)[0][0]
+    dt = evaluator.dt_dataset.get_instances([img_id], cats, use_cats)[0][0]
+    if len(gt) == 0 or len(dt) == 0:
+        return []
+    order = np.argsort([-d["score"] for d in dt], kind="mergesort")
+    dt = [dt[i] for i in order][: p.maxDets[-1]]
+    return mask_ious[img_id][np.ix_([d["_position"] for d in dt], [g["_position"] for g in gt])]
 
 
 def mask_map_metric(pred_masks_in_boxes: bool = False) -> MeanAveragePrecision:
@@ -197,9 +286,15 @@ def matched_pairs(pred_masks: torch.Tensor, pred_labels: torch.Tensor, gt_masks:
 
 def _match_rles(pred: list[dict], pred_labels: torch.Tensor, gt: list[dict], gt_labels: torch.Tensor,
                 iou_threshold: float) -> tuple[list[int], list[int], list[float]]:
-    if not pred or not gt:
+    return _match_ious(rle_iou(pred, gt), pred_labels, gt_labels, iou_threshold)
+
+
+def _match_ious(iou: np.ndarray, pred_labels: torch.Tensor, gt_labels: torch.Tensor,
+                iou_threshold: float) -> tuple[list[int], list[int], list[float]]:  # fmt: skip
+    """Hungarian matching on an (n, m) mask IoU matrix, pairs of different classes excluded."""
+    if not iou.size:
         return [], [], []
-    iou = rle_iou(pred, gt) * (pred_labels.cpu().numpy()[:, None] == gt_labels.cpu().numpy()[None, :])
+    iou = iou * (pred_labels.cpu().numpy()[:, None] == gt_labels.cpu().numpy()[None, :])
     rows, cols = linear_sum_assignment(-iou)
     matched = iou[rows, cols]
     good = matched >= iou_threshold
@@ -253,19 +348,25 @@ class CellMatchMetrics(Metric):
 
         Args:
             preds, targets: per image, as in the module docstring (``masks`` may also be
-                :class:`cellseg_pl.masks.MaskWindows`, or ``rles`` and ``areas`` replace them: see :func:`encoded`).
+                :class:`cellseg_pl.masks.MaskWindows`, or ``rles`` and ``areas`` replace them: see :func:`encoded`;
+                or the prediction's ``mask_ious`` and ``areas``: :func:`mask_ious`).
             area_scale: per image, mask px per original-image px (the letterbox gain squared; ``ratio_pad[0] ** 2``
                 of the batch) when masks are not at the original resolution; default 1.
         """
         for i, (pred, target) in enumerate(zip(preds, targets)):
             keep = pred["scores"] >= self.conf
             kept = torch.nonzero(keep).view(-1).tolist()
-            pred_rles, areas = encoded(pred, kept, in_boxes=self.pred_masks_in_boxes)
-            true_rles, _ = encoded(target)
-            rows, _, ious = _match_rles(pred_rles, pred["labels"][keep], true_rles, target["labels"],
-                                        self.iou_threshold)  # fmt: skip
+            n_true = len(target["labels"])
+            if "mask_ious" in pred:
+                iou = np.asarray(torch.as_tensor(pred["mask_ious"]).cpu().numpy(), np.float64)[kept]
+                areas = np.asarray(torch.as_tensor(pred["areas"]).cpu().numpy())[kept]
+            else:
+                pred_rles, areas = encoded(pred, kept, in_boxes=self.pred_masks_in_boxes)
+                true_rles, _ = encoded(target)
+                iou, n_true = rle_iou(pred_rles, true_rles), len(true_rles)
+            rows, _, ious = _match_ious(iou, pred["labels"][keep], target["labels"], self.iou_threshold)
             tp, iou_sum = len(rows), float(sum(ious))
-            fp, fn = len(kept) - tp, len(true_rles) - tp
+            fp, fn = len(kept) - tp, n_true - tp
             unmatched = np.ones(len(kept), dtype=bool)
             unmatched[rows] = False
             scale = area_scale[i] if area_scale is not None else 1.0
@@ -275,7 +376,7 @@ class CellMatchMetrics(Metric):
             self.fp += fp
             self.fn += fn
             self.iou_sum += iou_sum
-            n_pred, n_true = int(keep.sum()), len(true_rles)
+            n_pred = int(keep.sum())
             self.abs_count_err += abs(n_pred - n_true)
             self.rel_count_err += abs(n_pred - n_true) / max(n_true, 1)
             self.images += 1
@@ -338,21 +439,21 @@ class ValidationMetrics(torch.nn.Module):
 
     def __init__(self, pr_conf: float, min_area: float) -> None:
         super().__init__()
-        self.mean_ap = mask_map_metric()  # (update encodes the masks once, for both metrics)
+        self.mean_ap = mask_map_metric()
         self.cells = CellMatchMetrics(conf=pr_conf, min_area=min_area)
 
     def update(self, preds: list[dict[str, Any]], batch: dict) -> list[dict[str, Any]]:
-        """Add one batch; returns its targets (network-input px). Each mask is encoded once for both metrics."""
+        """Add one batch; returns its targets (network-input px). The masks' IoUs with the batch's true instances
+        are counted once, in the masks' windows, for both metrics (:func:`mask_ious`): nothing is encoded."""
         targets = targets_from_batch(batch)
-
-        # postprocess crops every predicted mask to its box; all masks of the batch are encoded on the process's
-        # threads
-        items = [(p, ("boxes", "scores", "labels")) for p in preds] + [(t, ("boxes", "labels")) for t in targets]
-        windows = [x["masks"] if isinstance(x["masks"], MaskWindows) else MaskWindows.from_dense(
-            x["masks"], x["boxes"] if i < len(preds) else None) for i, (x, _) in enumerate(items)]
-        coded = [{**{k: x[k] for k in keys}, "rles": rles, "areas": areas}
-                 for (x, keys), (rles, areas) in zip(items, encode_many(windows))]
-        pred_items, true_items = coded[: len(preds)], coded[len(preds) :]
+        # (postprocess crops every predicted mask to its box)
+        windows = [p["masks"] if isinstance(p["masks"], MaskWindows) else MaskWindows.from_dense(p["masks"], p["boxes"])
+                   for p in preds]
+        scored = map_on_threads(mask_ious, windows, batch["instances"], [len(t["labels"]) for t in targets])
+        pred_items, true_items = [], []
+        for p, t, (ious, areas, true_areas) in zip(preds, targets, scored):
+            pred_items.append({**{k: p[k] for k in ("boxes", "scores", "labels")}, "mask_ious": ious, "areas": areas})
+            true_items.append({"boxes": t["boxes"], "labels": t["labels"], "areas": true_areas})
         self.mean_ap.update(pred_items, true_items)
         # masks are at network-input scale: droplet areas (original px) scale by the letterbox gain squared
         self.cells.update(pred_items, true_items, [gain**2 for gain, _ in batch["ratio_pad"]])

@@ -8,7 +8,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 import cellseg_pl.masks as masks_mod
-from cellseg_pl.masks import MaskWindows, encode_many
+from cellseg_pl.masks import MaskWindows
 
 
 def reference(stack: np.ndarray) -> tuple[list[bytes], list[int]]:
@@ -92,10 +92,46 @@ def test_windows_of_a_label_map_and_of_crops():
     assert torch.equal(windows.dense(), torch.from_numpy(full))
 
 
-def test_encoding_many_images_on_threads_gives_each_images_encoding(monkeypatch):
-    images = [MaskWindows.from_dense(awkward_masks(33, 47, 30, seed)) for seed in range(5)]
-    alone = [w.encode() for w in images]
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert encode_many(images) == alone
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert encode_many(images) == alone
+def label_map(h: int, w: int, count: int, seed: int) -> np.ndarray:
+    """A random (h, w) map of ``count`` instances (ids 1..count; some rasterized to nothing), 0 background."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((h, w), np.int64)
+    for k in range(1, count + 1):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        lab[y : y + rng.integers(1, h // 2 + 2), x : x + rng.integers(1, w // 2 + 2)] = k
+    return lab
+
+
+@pytest.mark.parametrize(
+    "h, w, n, count", [(1, 1, 5, 1), (37, 53, 40, 9), (64, 64, 150, 30), (20, 30, 5, 0), (64, 48, 20, 300)]
+)
+def test_overlaps_count_each_masks_pixels_on_each_instance(h, w, n, count):
+    """Intersections and areas counted in the windows equal those of the full masks, for windows of full masks,
+    of prediction boxes (reaching past the image) and of crops."""
+    from cellseg_pl.yolo.postprocess import box_mask_windows
+
+    stack, lab = awkward_masks(h, w, n, seed=n), label_map(h, w, count, seed=n)
+    inter_ref = np.stack([[(m & (lab == k + 1)).sum() for k in range(count)] for m in stack]).reshape(n, count)
+    for windows in (MaskWindows.from_dense(stack), MaskWindows.from_crops([(m, 0, 0) for m in stack], h, w)):
+        inter, areas = windows.overlaps(torch.from_numpy(lab), count)
+        assert inter.dtype == np.int64 and np.array_equal(inter, inter_ref)
+        assert areas.tolist() == stack.reshape(n, -1).sum(1).tolist()
+    if h % 4 == 0 and w % 4 == 0:  # box windows: prototype pixels beyond the image repeat the last row / column
+        g = torch.Generator().manual_seed(n)
+        proto, coeffs = torch.randn(32, h // 4, w // 4, generator=g), torch.randn(n, 32, generator=g)
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h])
+        boxes = torch.cat([xy - 9, xy + torch.rand(n, 2, generator=g) * 40], 1)
+        windows = box_mask_windows(proto, coeffs, boxes, (h, w))
+        dense = windows.dense().numpy()
+        inter, areas = windows.overlaps(lab, count)
+        assert np.array_equal(inter, np.stack([[(m & (lab == k + 1)).sum() for k in range(count)] for m in dense])
+                              .reshape(n, count))
+        assert areas.tolist() == dense.reshape(n, -1).sum(1).tolist() and areas.sum() > 0
+
+
+def test_overlaps_refuse_a_label_map_that_does_not_fit():
+    windows = MaskWindows.from_dense(awkward_masks(8, 8, 5, seed=0))
+    with pytest.raises(ValueError, match="holds 4 instances, not 3"):
+        windows.overlaps(np.full((8, 8), 4), 3)
+    with pytest.raises(ValueError, match="label map of"):
+        windows.overlaps(np.zeros((8, 9), np.int64), 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from pycocotools import mask as mask_utils
 
@@ -311,3 +312,111 @@ def test_module_validation_with_300_detections_per_image(tiny_data, monkeypatch)
     assert trainer.validate(model, datamodule=data, verbose=False) == [metrics]
     assert metrics["metrics/count_MAE"] > 250  # ~12 cells per image, 300 detections above pr_conf
     assert metrics["metrics/FP_droplet_sized"] > 0 and 0 <= metrics["metrics/mAP50(M)"] <= 1
+
+
+def test_validation_metrics_from_mask_ious_equal_the_stock_metric_on_masks():
+    """Validation counts mask IoUs in the windows (nothing encoded): every figure equals the stock torchmetrics metric
+    and the cell matching given the full masks, with two classes, tied scores, empty predicted masks, an image
+    without cells and one with more detections than the last max-detections threshold (300)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from cellseg_pl.metrics import MAX_DETECTIONS, ValidationMetrics, targets_from_batch
+
+    rng = np.random.default_rng(3)
+    size, maps, classes, preds = 96, [], [], []
+    for image in range(4):
+        lab = torch.zeros(size, size, dtype=torch.int64)
+        n_true = 0 if image == 2 else 14
+        centres, radii = rng.integers(8, 88, (n_true, 2)), rng.choice([3, 6, 11, 20], n_true)
+        for k, ((x, y), r) in enumerate(zip(centres, radii)):
+            lab[disk(int(x), int(y), int(r), size)] = k + 1
+        present = [k for k in range(1, n_true + 1) if (lab == k).any()]  # compact ids, as the loader's maps
+        compact = torch.zeros_like(lab)
+        for new, old in enumerate(present, 1):
+            compact[lab == old] = new
+        maps.append(compact)
+        classes.append(torch.tensor(rng.integers(0, 2, len(present)), dtype=torch.float32))
+        n_pred = 330 if image == 3 else 20
+        pc, pr = rng.integers(0, 96, (n_pred, 2)), rng.choice([2, 5, 10, 18], n_pred)
+        if n_true:  # most predictions near a true cell
+            pc[: n_true] = np.clip(centres + rng.integers(-3, 4, (n_true, 2)), 0, 95)
+            pr[: n_true] = radii
+        masks = torch.stack([disk(int(x), int(y), int(r), size) for (x, y), r in zip(pc, pr)])
+        boxes = torch.tensor([[x - r, y - r, x + r + 1, y + r + 1] for (x, y), r in zip(pc, pr)], dtype=torch.float32)
+        boxes = boxes.clamp(0, size)
+        masks[1] = False  # a detection whose mask came out empty
+        scores = torch.tensor(rng.choice([0.9, 0.6, 0.3, 0.2, 0.05], n_pred), dtype=torch.float32)  # ties
+        preds.append({"boxes": boxes, "scores": scores, "labels": torch.tensor(rng.integers(0, 2, n_pred)),
+                      "masks": masks})
+    boxes_xywh = []
+    for lab in maps:
+        for k in range(1, int(lab.max()) + 1):
+            ys, xs = torch.nonzero(lab == k, as_tuple=True)
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            boxes_xywh.append(torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]) / size)
+    batch = {
+        "instances": torch.stack(maps), "cls": torch.cat(classes).view(-1, 1), "bboxes": torch.stack(boxes_xywh),
+        "batch_idx": torch.cat([torch.full((len(c),), i, dtype=torch.float32) for i, c in enumerate(classes)]),
+        "ratio_pad": [(0.5, (0.0, 0.0))] * 4,
+    }
+    ours = ValidationMetrics(pr_conf=0.25, min_area=40)
+    ours.update(preds[:2], {**batch, "instances": batch["instances"][:2], "ratio_pad": batch["ratio_pad"][:2],
+                            **{k: batch[k][batch["batch_idx"] < 2] for k in ("cls", "bboxes", "batch_idx")}})
+    rest = batch["batch_idx"] >= 2
+    ours.update([{**p, "masks": MaskWindows.from_dense(p["masks"], p["boxes"])} for p in preds[2:]],
+                {**batch, "instances": batch["instances"][2:], "ratio_pad": batch["ratio_pad"][2:],
+                 "cls": batch["cls"][rest], "bboxes": batch["bboxes"][rest], "batch_idx": batch["batch_idx"][rest] - 2})
+    got = ours.compute()
+
+    targets = [{**t, "masks": torch.stack([lab == k + 1 for k in range(len(t["labels"]))]) if len(t["labels"])
+                else torch.zeros(0, size, size, dtype=torch.bool)}
+               for t, lab in zip(targets_from_batch(batch), maps)]
+    stock = MeanAveragePrecision(iou_type=("bbox", "segm"), max_detection_thresholds=MAX_DETECTIONS,
+                                 backend="faster_coco_eval")
+    stock.update(preds, targets)
+    m = stock.compute()
+    cells = CellMatchMetrics(conf=0.25, min_area=40)
+    cells.update(preds, targets, [0.25] * 4)
+    c = cells.compute()
+    expected = {"metrics/mAP50(M)": m["segm_map_50"], "metrics/mAP50-95(M)": m["segm_map"],
+                "metrics/mAP50(B)": m["bbox_map_50"], "metrics/mAP50-95(B)": m["bbox_map"],
+                "metrics/precision(M)": c["precision"], "metrics/recall(M)": c["recall"], "metrics/F1(M)": c["f1"],
+                "metrics/AP_cell(M)": c["ap_cell"], "metrics/mean_matched_IoU(M)": c["mean_matched_iou"],
+                "metrics/count_MAE": c["count_mae"], "metrics/count_MRE": c["count_mre"],
+                "metrics/FP_droplet_sized": c["fp_droplet_sized"]}
+    for key, value in expected.items():
+        assert torch.equal(got[key], value.float().clamp(min=0)), key
+    assert 0 < got["metrics/mAP50-95(M)"] < got["metrics/mAP50(M)"] < 1 and got["metrics/FP_droplet_sized"] > 0
+
+
+def test_mask_map_refuses_images_given_both_ways():
+    t = target_of([disk(10, 10, 5), disk(40, 40, 8)])
+    metric = mask_map_metric()
+    metric.update([as_pred(t)], [t])
+    given = {k: t[k] for k in ("boxes", "labels")}
+    metric.update([{**given, "scores": torch.ones(2), "mask_ious": np.eye(2), "areas": np.array([81, 197])}],
+                  [{**given, "areas": np.array([81, 197])}])
+    with pytest.raises(ValueError, match="1 of 2 images gave `mask_ious`"):
+        metric.compute()
+    with pytest.raises(ValueError, match=r"`mask_ious` of \(2, 2\) for 2 predictions and 1 true masks"):
+        metric.update([{**given, "scores": torch.ones(2), "mask_ious": np.eye(2), "areas": np.array([81, 197])}],
+                      [{"boxes": t["boxes"][:1], "labels": t["labels"][:1], "areas": np.array([81])}])
+
+
+def test_mask_ious_are_pycocotools_ious_bit_for_bit():
+    from cellseg_pl.metrics import mask_ious
+
+    rng = np.random.default_rng(5)
+    lab = torch.zeros(80, 80, dtype=torch.int64)
+    for k, ((x, y), r) in enumerate(zip(rng.integers(5, 75, (12, 2)), rng.integers(2, 15, 12)), 1):
+        lab[disk(int(x), int(y), int(r), 80)] = k
+    count = int(lab.max())
+    assert all((lab == k).any() for k in range(1, count + 1))
+    pred = torch.stack([disk(int(x), int(y), int(r), 80) for (x, y), r in zip(rng.integers(0, 80, (40, 2)),
+                                                                             rng.integers(1, 20, 40))])
+    pred[0] = False
+    ious, areas, true_areas = mask_ious(MaskWindows.from_dense(pred), lab, count)
+    true = torch.stack([lab == k for k in range(1, count + 1)])
+    assert np.array_equal(ious, rle_iou(encode_masks(pred), encode_masks(true)))  # the same doubles
+    assert areas.tolist() == pred.sum((1, 2)).tolist() and true_areas.tolist() == true.sum((1, 2)).tolist()
+    assert (ious > 0).sum() > 10
