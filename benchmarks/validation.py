@@ -14,7 +14,8 @@ validation on them:
 * ``box_masks``: the masks of the ``D`` boxes assembled from prototypes, in windows around their boxes
   (:func:`cellseg_pl.yolo.postprocess.box_mask_windows`);
 * ``update``: :meth:`cellseg_pl.metrics.ValidationMetrics.update` with ``D`` predictions per image whose masks are
-  the true cells' (then copies of them, shifted): run-length encoding and the cell matching;
+  the true cells' (then copies of them, shifted): the masks' IoUs with the true cells, counted in their windows
+  (:func:`cellseg_pl.metrics.mask_ious`), and the cell matching;
 * ``compute``: :meth:`ValidationMetrics.compute` over the pass (COCO box and mask mAP, F1), per image.
 
 The network does not matter for the stages after it (the detections are made up), so ``forward`` is measured once
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     forward = 1000 * statistics.median(times["forward"])
     print(f"\nms per image at {a.imgsz} px, {a.cells} cells per image, {a.images} images, device {a.device}; forward "
           f"of {a.model} (batch {a.batch}): {forward:.1f} ms")
-    print("| detections per image | nms | box_masks | update (RLE, matching) | compute (COCO, F1) | total after the "
+    print("| detections per image | nms | box_masks | update (IoUs, matching) | compute (COCO, F1) | total after the "
           "forward |")
     print("|---|---|---|---|---|---|")
     for d, s, _ in rows:

@@ -8,8 +8,10 @@ building, encoding and drawing a whole image's masks takes a few array operation
 Every producer of masks for the metrics goes through here: the predicted masks of
 :func:`cellseg_pl.yolo.postprocess.box_mask_windows`, the true masks of a validation batch
 (:meth:`MaskWindows.from_label_map`), full masks (:meth:`MaskWindows.from_dense`) and crops
-(:meth:`MaskWindows.from_crops`); :meth:`MaskWindows.encode` gives the RLEs and areas that pycocotools'
-``mask.encode`` and ``mask.area`` give for the full masks.
+(:meth:`MaskWindows.from_crops`). :meth:`MaskWindows.overlaps` counts each mask's pixels on each instance of a label
+map (what validation scores: the IoUs, without encoding anything); :meth:`MaskWindows.encode` gives the RLEs and
+areas that pycocotools' ``mask.encode`` and ``mask.area`` give for the full masks (the evaluator of saved
+predictions).
 """
 
 from __future__ import annotations

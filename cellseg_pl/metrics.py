@@ -85,9 +85,9 @@ def mask_ious(pred: MaskWindows, labels: torch.Tensor | np.ndarray, count: int
     Returns:
         ``(ious, pred_areas, true_areas)``: (n, count) float64, (n,) and (count,) int64 pixel counts.
     """
-    inter, areas = pred.overlaps(labels, count)
-    lab = torch.as_tensor(labels).reshape(-1).to(torch.int64)
-    true_areas = torch.bincount(lab, minlength=count + 1)[1 : count + 1].cpu().numpy()
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    inter, areas = pred.overlaps(lab, count)  # (numpy only: this runs on the validation's threads)
+    true_areas = np.bincount(lab.reshape(-1), minlength=count + 1)[1 : count + 1].astype(np.int64)
     union = areas[:, None] + true_areas[None, :] - inter
     ious = np.zeros(union.shape, np.float64)
     np.divide(inter, union, out=ious, where=union > 0)
