@@ -8,7 +8,9 @@ Data: ``--data``, or the synthetic demo set at ``imgsz`` px (``--images`` traini
 written once to ``checkpoints/bench_loader/data``). Recipe: the guide's (mosaic 1.0, copy_paste 0.3, degrees 180,
 flips 0.5, scale 0.5, translate 0.1, HSV on). For each worker count, ``--rounds`` rounds each time ``--batches``
 batches of Ultralytics' loader, then as many of ours (after one warm-up round each, which also fills caches), and
-report images/s, instances per sample, peak RSS of this process tree and the ratios ours/theirs.
+report images/s, instances per sample (with its standard error: a sample's count varies a lot, sd ~12 on the
+synthetic set, so a ratio of counts needs ~1,500 samples a side to be known within 3 %), peak RSS of this process
+tree and the ratios ours/theirs. Our loader starts a new epoch each time it has been run through.
 
 ``--profile`` times each stage of our sample (load, mosaic, warp, copy-paste, colour, finalize, collate) in this
 process. ``--step DEVICE`` also runs a yolov8n-seg training step on every batch and reports the share of the step
@@ -56,16 +58,27 @@ def cellseg_loader(data: str, imgsz: int, batch: int, workers: int, cache: str):
 
     dm = CellSegDataModule(data, imgsz=imgsz, batch_size=batch, num_workers=workers, cache=cache, **RECIPE)
     dm.setup("fit")
-    return dm.train_dataloader()
+    loader = dm.train_dataloader()
+    # our samples are drawn from (seed, epoch, index): a new epoch each time the loader starts over, as in training
+    # (repeating epoch 0 would count one fixed set of len(dataset) samples, Ultralytics' are new every time)
+    epoch = [0]
+
+    def next_epoch() -> None:
+        epoch[0] += 1
+        dm.set_epoch(epoch[0], 10**6)
+
+    loader.next_epoch = next_epoch
+    return loader
 
 
-def timed(loader, batches: int, step=None) -> tuple[float, int, int, float]:
-    """(seconds, images, instances, seconds waiting for data) over ``batches`` batches (cycling the loader)."""
+def timed(loader, batches: int, step=None) -> tuple[float, int, list[int], float]:
+    """(seconds, images, instances of each sample, seconds waiting for data) over ``batches`` batches (cycling the
+    loader; a loader with ``next_epoch`` is told when it starts over, so its samples are those of a new epoch)."""
     it = getattr(timed, "iters", {}).get(id(loader))
     if it is None:
         it = iter(loader)
         timed.iters = {**getattr(timed, "iters", {}), id(loader): it}
-    images = instances = 0
+    images, counts = 0, []
     wait = 0.0
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -73,15 +86,18 @@ def timed(loader, batches: int, step=None) -> tuple[float, int, int, float]:
         try:
             b = next(it)
         except StopIteration:
+            if hasattr(loader, "next_epoch"):
+                loader.next_epoch()
             it = iter(loader)
             timed.iters[id(loader)] = it
             b = next(it)
         wait += time.perf_counter() - w0
         images += b["img"].shape[0]
-        instances += b["cls"].shape[0]
+        per_image = b["batch_idx"].view(-1).long().bincount(minlength=b["img"].shape[0])
+        counts += per_image.tolist()
         if step is not None:
             step(b)
-    return time.perf_counter() - t0, images, instances, wait
+    return time.perf_counter() - t0, images, counts, wait
 
 
 def make_step(device: str):
@@ -197,20 +213,26 @@ def main(argv: list[str] | None = None) -> int:
         row = {"workers": workers}
         for name, runs in stats.items():
             row[f"{name} images/s"] = statistics.median(n / t for t, n, _, _ in runs)
-            row[f"{name} cells/sample"] = sum(c for _, _, c, _ in runs) / sum(n for _, n, _, _ in runs)
+            counts = [c for _, _, per_sample, _ in runs for c in per_sample]
+            row[f"{name} cells/sample"] = statistics.mean(counts)
+            row[f"{name} cells s.e."] = statistics.stdev(counts) / len(counts) ** 0.5 if len(counts) > 1 else 0.0
+            row[f"{name} samples"] = len(counts)
             row[f"{name} data wait"] = sum(w for *_, w in runs) / sum(t for t, *_ in runs)
         rows.append(row)
         del loaders
     print(f"load average after: {os.getloadavg()[0]:.2f}; peak RSS (this process + children) "
           f"{peak_rss_mib():.0f} MiB")
-    print("\n| workers | ultralytics images/s | cellseg_pl images/s | ratio | ultralytics cells/sample | "
-          "cellseg_pl cells/sample | ratio |" + (" data wait u / c |" if step else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if step else ""))
+    print("\n| workers | ultralytics images/s | cellseg_pl images/s | ratio | ultralytics cells/sample (± s.e.) | "
+          "cellseg_pl cells/sample | ratio (± s.e.) | samples each |" + (" data wait u / c |" if step else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if step else ""))
     for r in rows:
+        u, c = r["ultralytics cells/sample"], r["cellseg_pl cells/sample"]
+        ratio_se = c / u * ((r["ultralytics cells s.e."] / u) ** 2 + (r["cellseg_pl cells s.e."] / c) ** 2) ** 0.5
         line = (f"| {r['workers']} | {r['ultralytics images/s']:.1f} | {r['cellseg_pl images/s']:.1f} | "
-                f"{r['cellseg_pl images/s'] / r['ultralytics images/s']:.2f} | {r['ultralytics cells/sample']:.1f} | "
-                f"{r['cellseg_pl cells/sample']:.1f} | "
-                f"{r['cellseg_pl cells/sample'] / r['ultralytics cells/sample']:.2f} |")
+                f"{r['cellseg_pl images/s'] / r['ultralytics images/s']:.2f} | "
+                f"{u:.2f} ± {r['ultralytics cells s.e.']:.2f} | "
+                f"{c:.2f} ± {r['cellseg_pl cells s.e.']:.2f} | {c / u:.3f} ± {ratio_se:.3f} | "
+                f"{min(r['ultralytics samples'], r['cellseg_pl samples'])} |")
         if step:
             line += f" {r['ultralytics data wait']:.0%} / {r['cellseg_pl data wait']:.0%} |"
         print(line)
