@@ -193,6 +193,38 @@ def test_each_mask_target_is_the_linear_resize_ultralytics_makes(ratio):
         assert np.array_equal(per[k - 1], cv2.resize((inst == k).astype(np.uint8), (side, side)) > 0), k
 
 
+@pytest.mark.parametrize("ratio", [1, 2, 3, 4])
+def test_overlap_mask_targets_pixel_by_pixel(ratio):
+    """Each target pixel, computed one by one: of the instances that cover at least half of the block's centre
+    pixels, the smallest (by area in the map; on a tie the larger id); 0 if none. Maps with 2 + 2 splits, ids
+    above the instance count and a size that is not a multiple of the ratio."""
+    from cellseg_pl.data.dataset import mask_targets
+
+    rng = np.random.default_rng(ratio)
+    for trial in range(4):
+        inst = np.zeros((37, 50), np.int32)
+        for k in range(1, 30):
+            y, x = rng.integers(0, 37), rng.integers(0, 50)
+            inst[y : y + rng.integers(1, 9), x : x + rng.integers(1, 9)] = rng.integers(1, 12)
+        area = np.bincount(inst.ravel())
+        lo, hi = (ratio // 2 - 1, ratio // 2 + 1) if ratio % 2 == 0 else (ratio // 2, ratio // 2 + 1)
+        h, w = 37 // ratio, 50 // ratio
+        expected = np.zeros((h, w), np.int64)
+        per = np.zeros((11, h, w), bool)
+        for i in range(h):
+            for j in range(w):
+                centre = inst[i * ratio + lo : i * ratio + hi, j * ratio + lo : j * ratio + hi].ravel().tolist()
+                covering = [v for v in set(centre) if v > 0 and 2 * centre.count(v) >= len(centre)]
+                if covering:
+                    expected[i, j] = min(covering, key=lambda v: (area[v], -v))
+                for v in covering:
+                    if v <= 11:
+                        per[v - 1, i, j] = True
+        got = mask_targets(inst, ratio)
+        assert got.dtype == np.int64 and np.array_equal(got, expected), trial
+        assert np.array_equal(mask_targets(inst, ratio, overlap=False, count=11), per), trial
+
+
 def test_overlapping_mask_targets_keep_the_smaller_instance_on_top():
     from cellseg_pl.data.dataset import mask_targets
 

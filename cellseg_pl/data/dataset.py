@@ -198,19 +198,28 @@ def mask_targets(instances: np.ndarray, ratio: int, overlap: bool = True, count:
         ``(H/ratio, W/ratio)`` int64 map, or ``(count, H/ratio, W/ratio)`` bool masks.
     """
     h, w = instances.shape[0] // ratio, instances.shape[1] // ratio
-    blocks = instances[: h * ratio, : w * ratio].reshape(h, ratio, w, ratio)
     lo, hi = (ratio // 2 - 1, ratio // 2 + 1) if ratio % 2 == 0 else (ratio // 2, ratio // 2 + 1)
-    centre = blocks[:, lo:hi, :, lo:hi].transpose(0, 2, 1, 3).reshape(h, w, -1).astype(np.int64)
-    votes = (centre[..., :, None] == centre[..., None, :]).sum(-1)  # centre pixels each candidate covers
-    covers = (centre > 0) & (2 * votes >= centre.shape[-1])
+    # the centre pixels of every block, one (h, w) map per position (4 for an even ratio, 1 for an odd one)
+    centre = [instances[lo + dy :: ratio, lo + dx :: ratio][:h, :w].astype(np.int64)
+              for dy in range(hi - lo) for dx in range(hi - lo)]  # fmt: skip
+    covers = []  # where each candidate covers at least half of the centre pixels
+    for c in centre:
+        votes = sum((c == other).astype(np.int8) for other in centre)
+        covers.append((c > 0) & (2 * votes >= len(centre)))
     if not overlap:
-        ids = np.arange(1, count + 1)[:, None, None, None]
-        return ((centre[None] == ids) & covers[None]).any(-1)
-    area = np.bincount(instances.ravel().astype(np.int64))
+        out = np.zeros((count, h, w), bool)
+        for c, cov in zip(centre, covers):
+            ys, xs = np.nonzero(cov & (c <= count))
+            out[c[ys, xs] - 1, ys, xs] = True
+        return out
+    area = np.bincount(instances.reshape(-1))
     top = area.shape[0]
-    rank = np.where(covers, area[centre] * (top + 1) + (top - centre), np.iinfo(np.int64).max)  # smaller area first
-    winner = np.take_along_axis(centre, rank.argmin(-1)[..., None], -1)[..., 0]
-    return np.where(covers.any(-1), winner, 0)
+    # smaller area first, then the larger id: the rank encodes the id, so the lowest rank names the winner
+    none = np.iinfo(np.int64).max
+    rank = np.full((h, w), none, np.int64)
+    for c, cov in zip(centre, covers):
+        np.minimum(rank, np.where(cov, area[c] * (top + 1) + (top - c), none), out=rank)
+    return np.where(rank < none, top - rank % (top + 1), 0)
 
 
 def instance_boxes(instance_map: np.ndarray, min_size: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +270,9 @@ class YoloSegDataset(torch.utils.data.Dataset):
         cache: an :class:`cellseg_pl.data.cache.ImageCache` of these images (``get(index)`` -> what
             :func:`load_resized` returns, or None), or None to decode every time.
 
+    Each process keeps the labels it has parsed (classes and polygons, a few kB per image; Ultralytics keeps them
+    all too): a mosaic reads four images, and parsing their text again was a tenth of a sample's time.
+
     Randomness is a pure function of ``(seed, epoch, index)``: a sample is augmented the same way whichever worker
     loads it, and a run resumed at an epoch boundary sees exactly the samples an uninterrupted run would.
     """
@@ -284,6 +296,7 @@ class YoloSegDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = epoch
         self.skip_unreadable = skip_unreadable
+        self._labels: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # parsed labels, per process
 
     def __len__(self) -> int:
         return len(self.images)
@@ -302,7 +315,9 @@ class YoloSegDataset(torch.utils.data.Dataset):
             try:
                 cached = self.cache.get(i) if self.cache is not None else None
                 image, (h0, w0) = cached if cached is not None else load_resized(path, self.imgsz)
-                classes, polygons, _ = read_label(label_path_for(path), self.num_classes)
+                if i not in self._labels:
+                    self._labels[i] = read_label(label_path_for(path), self.num_classes)[:2]
+                classes, polygons = self._labels[i]
                 break
             except DatasetError as e:
                 if step == attempts - 1:
