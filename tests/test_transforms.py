@@ -217,6 +217,12 @@ def test_flip_copy_paste_pastes_what_ultralytics_pastes(fraction):
     untouched = ours["instances"] <= n
     assert np.array_equal(ours["image"][untouched], image[untouched])
     assert np.array_equal(ours["instances"][untouched], instances[untouched])
+    # in place (a mosaic canvas): the same result, written into the sample's own arrays
+    own = {**sample, "image": image.copy(), "instances": instances.astype(np.uint16)}
+    canvas, instance_map = own["image"], own["instances"]
+    inplace = flip_copy_paste(own, fraction, inplace=True)
+    assert inplace["image"] is canvas and inplace["instances"] is instance_map
+    assert np.array_equal(inplace["image"], ours["image"]) and np.array_equal(inplace["instances"], ours["instances"])
 
 
 def test_flip_copy_paste_in_the_pipeline_keeps_masks_with_pixels():

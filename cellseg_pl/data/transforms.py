@@ -224,18 +224,20 @@ class TrainTransform:
             shift = np.eye(3, dtype=np.float32)
             shift[0, 2], shift[1, 2] = region[0], region[1]
             matrix = matrix @ shift
-        if flip_paste:
-            sample = flip_copy_paste(sample, self.copy_paste_p)
+        if flip_paste:  # (a mosaic canvas is this sample's own: pasted in place; a loaded image may be the cache's)
+            sample = flip_copy_paste(sample, self.copy_paste_p, inplace=use_mosaic)
         return warp(sample, matrix, self.imgsz, self.perspective > 0), gain
 
 
-def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.30) -> dict[str, Any]:
+def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.30, inplace: bool = False
+                    ) -> dict[str, Any]:  # fmt: skip
     """Ultralytics 8.4's ``CopyPaste(mode="flip")``: paste left-right mirrored copies of the sample's own cells.
 
     A cell is eligible when its mirrored box covers less than ``max_ioa`` of every existing box (intersection over
     the existing box's area, Ultralytics' ``bbox_ioa``); the ``round(fraction * eligible)`` eligible cells with the
     least overlap are pasted: the mirrored image's pixels under their mirrored masks. A pasted cell lies on top of
-    what it covers (the covered pixels change owner); it gets a new instance id and keeps its class.
+    what it covers (the covered pixels change owner); it gets a new instance id and keeps its class. ``inplace``:
+    paste into the sample's own image and uint16 instance map (a mosaic canvas) instead of copies.
     """
     instances = sample["instances"]
     ids, boxes = instance_boxes(instances, min_size=1)
@@ -254,21 +256,21 @@ def flip_copy_paste(sample: dict[str, Any], fraction: float, max_ioa: float = 0.
     chosen = ids[eligible[: round(fraction * len(eligible))]]
     if not len(chosen):
         return sample
-    lut = np.zeros(int(instances.max()) + 1, np.uint16)  # (instance maps are uint16: a small, fast gather)
+    # Each chosen cell changes only its mirrored box, where its mirror image lands: the pixels whose mirror belongs
+    # to it (a pixel's mirror belongs to one cell, so no two pastes claim it). Every source is read before anything
+    # is written, as in place the boxes may overlap the cells they read.
     n = len(sample["classes"])
-    lut[chosen] = n + 1 + np.arange(len(chosen))
-    # only the window holding the chosen cells' mirrored boxes changes
-    picked = mirrored[eligible[: len(chosen)]].astype(np.int64)
-    x0, y0 = picked[:, :2].min(0)
-    x1, y1 = picked[:, 2:].max(0)
-    window = (slice(y0, y1), slice(x0, x1))
-    mirror = (slice(y0, y1), slice(w - x1, w - x0))  # the same pixels of the left-right mirrored image
-    new = lut[instances[mirror][:, ::-1]]
-    paste = new > 0
-    image = sample["image"].copy()
-    np.copyto(image[window], sample["image"][mirror][:, ::-1], where=paste[..., None] if image.ndim == 3 else paste)
-    out = instances.astype(np.uint16, copy=True)
-    np.copyto(out[window], new, where=paste)
+    picked = mirrored[eligible[: len(chosen)]].astype(np.int64).tolist()
+    pastes = []
+    for cell, (x0, y0, x1, y1) in zip(chosen.tolist(), picked):
+        mirror = (slice(y0, y1), slice(w - x1, w - x0))  # the same pixels of the left-right mirrored image
+        paste = instances[mirror][:, ::-1] == cell
+        pastes.append(((slice(y0, y1), slice(x0, x1)), paste, sample["image"][mirror][:, ::-1][paste]))
+    image = sample["image"] if inplace else sample["image"].copy()
+    out = instances.astype(np.uint16, copy=not inplace)
+    for k, (box, paste, pixels) in enumerate(pastes):
+        image[box][paste] = pixels
+        out[box][paste] = n + 1 + k
     classes = np.asarray(sample["classes"], np.int64)
     classes = np.concatenate([classes, classes[chosen - 1]])
     return {**sample, "image": image, "instances": out, "classes": classes}
