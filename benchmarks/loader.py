@@ -170,7 +170,7 @@ def profile(data: str, imgsz: int, samples: int, cache: str) -> dict[str, float]
         out = {**out, "image": col["image"], "instances": col["mask"]}
         finals.append(clock("finalize (boxes, tensors)", finalize, out))
         if len(finals) == 8:
-            clock("collate (1/4 masks), per 8", Collate(4), finals)
+            clock("collate (1/4 mask targets)", Collate(4), finals)
             finals = []
     ds.load = real_load
     T.flip_copy_paste = real_flip
