@@ -130,12 +130,10 @@ class MaskMeanAP(MeanAveragePrecision):
         from torchmetrics.detection.helpers import _input_validator
 
         _input_validator(preds, target, iou_type="bbox")
-        for items in (preds, target):
-            for i, item in enumerate(items):
-                if "masks" not in item and "rles" not in item and "areas" not in item:
-                    raise ValueError(f"MaskMeanAP: item {i} has neither `masks` nor `rles` nor `areas`")
         given = [("mask_ious" in p) for p in preds]
         for i, (p, t) in enumerate(zip(preds, target)):
+            if not given[i] and any("masks" not in x and "rles" not in x for x in (p, t)):
+                raise ValueError(f"MaskMeanAP: image {i} has neither `masks` nor `rles` (nor `mask_ious`)")
             if given[i] and not ("areas" in p and "areas" in t and "masks" not in t and "rles" not in t):
                 raise ValueError(f"MaskMeanAP: image {i} gives `mask_ious`: it needs `areas` on both sides, no masks")
             if given[i] and tuple(p["mask_ious"].shape) != (len(p["labels"]), len(t["labels"])):

@@ -398,6 +398,9 @@ def test_mask_map_refuses_images_given_both_ways():
                   [{**given, "areas": np.array([81, 197])}])
     with pytest.raises(ValueError, match="1 of 2 images gave `mask_ious`"):
         metric.compute()
+    with pytest.raises(ValueError, match="image 0 has neither `masks` nor `rles`"):
+        metric.update([{**given, "scores": torch.ones(2), "areas": np.array([81, 197])}],
+                      [{**given, "areas": np.array([81, 197])}])
     with pytest.raises(ValueError, match=r"`mask_ious` of \(2, 2\) for 2 predictions and 1 true masks"):
         metric.update([{**given, "scores": torch.ones(2), "mask_ious": np.eye(2), "areas": np.array([81, 197])}],
                       [{"boxes": t["boxes"][:1], "labels": t["labels"][:1], "areas": np.array([81])}])
